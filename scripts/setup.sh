@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up ponder on a fresh machine: a virtualenv in .venv with the CPU build of torch.
+# torch is installed first and pinned, so nothing later can make pip resolve a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# Headless Chromium renders the HTML report in a test; install it where apt is available and it is missing.
+if [ "${PONDER_SKIP_CHROMIUM:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: chromium not installed; the report rendering test will be skipped" >&2
+fi

@@ -1,0 +1,222 @@
+"""The ``ponder`` command. Every user-fixable problem is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import PonderError
+
+
+def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
+    p.add_argument("--model", default="ref", help="local Hugging Face checkpoint folder, or 'ref' (shipped model)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    if policy:
+        p.add_argument("--policy", default="dense", help="compute policy (see `ponder policies`)")
+        p.add_argument("--budget", type=float, default=1.0, help="fraction of dense layer FLOPs, in (0, 1]")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of human output")
+
+
+def _setup(args: argparse.Namespace):
+    import torch
+
+    from .api import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def _policy(args: argparse.Namespace, engine):
+    from .policies import registry
+
+    pol = registry.get(args.policy, args.budget)
+    calibrate(pol, engine)
+    return pol
+
+
+def calibrate(pol, engine) -> None:
+    """Calibrate on the shipped calibration text (never the evaluation data)."""
+    from .eval.calibration import calibration_ids
+
+    pol.calibrate(engine, calibration_ids(engine))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.generate import SamplingConfig
+    from .engine.stats import Stats
+
+    if not args.prompt:
+        raise PonderError("the prompt is empty; pass --prompt TEXT")
+    eng = _setup(args)
+    pol = _policy(args, eng)
+    ids = eng.tokenizer.encode(args.prompt)
+    if not ids:
+        raise PonderError("the prompt is empty; pass --prompt TEXT")
+    stop = tuple(eng.cfg.eos_token_id) if not args.ignore_eos else ()
+    sc = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stop_tokens=stop)
+    stats = Stats(eng.cfg, weight_bytes_per_param=eng.embed.element_size())
+    streamed: list[int] = []
+    printed = [0]
+
+    def on_token(row: int, tok: int) -> None:  # stream decoded text as it grows
+        if args.json:
+            return
+        streamed.append(tok)
+        text = eng.tokenizer.decode(streamed)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[printed[0]:])
+            sys.stdout.flush()
+            printed[0] = len(text)
+
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    res = pol.generate(eng, [ids], sc, stats, on_token)
+    toks = res.tokens[0]
+    text = eng.tokenizer.decode([t for t in toks if t not in stop])
+    dt = res.decode_s
+    summary = {**stats.summary(), "prefill_s": round(res.prefill_s, 4), "decode_s": round(dt, 4),
+               "decode_tokens_per_s": round((len(toks) - 1) / dt, 2) if dt > 0 and len(toks) > 1 else None,
+               "finish": res.finish[0], **{k: v for k, v in res.extra.items() if not hasattr(v, "shape")}}
+    depth = [int(x) for m in stats.layers_used() for x in m[0].tolist()]
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": toks, "prompt_tokens": len(ids), "policy": pol.describe(),
+                          "stats": summary, "layers_per_token": depth}))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{len(toks)} tokens, {res.finish[0]}; policy {pol.name} budget {pol.budget:g}; "
+              f"flops {summary['flops_fraction']:.3f} of dense]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.metrics import evaluate_text, read_text
+
+    text = read_text(args.data)
+    eng = _setup(args)
+    pol = _policy(args, eng)
+    bar = None
+    if not args.json:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="scoring", unit="win", file=sys.stderr, dynamic_ncols=True)
+    r = evaluate_text(eng, text, pol, window=args.window, stride=args.stride,
+                      progress=(bar.update if bar is not None else None))
+    if bar is not None:
+        bar.close()
+    r.pop("logprobs")
+    out = {"model": str(args.model), "data": str(args.data), "policy": pol.describe(), **r}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.data}: perplexity {r['perplexity']:.3f}, {r['bits_per_byte']:.4f} bits/byte over "
+              f"{r['tokens_scored']} tokens ({r['bytes']} bytes); policy {pol.name} budget {pol.budget:g}, "
+              f"flops {r['flops_fraction']:.3f} of dense")
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from .policies import registry
+
+    rows = []
+    for n in registry.names():
+        cls = registry._REGISTRY[n]
+        rows.append({"policy": n, **cls.flags(), "doc": (cls.__doc__ or "").strip().splitlines()[0]})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            fl = " ".join(k for k in ("real", "kv_compatible", "batch_compatible", "training_free", "lossless") if r[k])
+            print(f"{r['policy']:<18} {fl:<60} {r['doc']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.recipe import main as train_main
+
+    return train_main(args.rest)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .train import data
+
+    if args.action == "build":
+        m = data.build_all(Path(args.out))
+        print(json.dumps({k: m[k] for k in ("sha256", "bytes", "documents") if k in m}))
+    elif args.action == "eval":
+        data.build_eval(Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ponder", description="Token-adaptive inference: per-token compute policies, "
+                                                             "measured honestly against the dense model.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text with a policy")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.set_defaults(fn=cmd_generate)
+    e = sub.add_parser("eval", help="perplexity and bits/byte of a text file")
+    _add_model_args(e)
+    e.add_argument("--data", required=True)
+    e.add_argument("--window", type=int, default=None, help="tokens of context per window (default: model context)")
+    e.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: window/2)")
+    e.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("policies", help="list the registered policies and their flags")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_policies)
+    t = sub.add_parser("train", help="train a model with ponder's recipe (see --config)", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_train)
+    d = sub.add_parser("data", help="build the training corpus or the evaluation files")
+    d.add_argument("action", choices=["build", "eval"])
+    d.add_argument("--out", required=True)
+    d.set_defaults(fn=cmd_data)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return ap
+
+
+_EXTRA_COMMANDS: list[Any] = []  # later modules (bench, report, embed) add their subcommands here
+
+
+def _load_extras() -> None:
+    import importlib
+
+    for mod in ("ponder.eval.bench_cli", "ponder.encoders.cli"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if not (e.name and mod.startswith(e.name)):
+                raise
+            continue
+        _EXTRA_COMMANDS.append(m.add_subcommand)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extras()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except PonderError as e:
+        print(f"ponder: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ponder: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

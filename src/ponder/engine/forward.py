@@ -1,0 +1,350 @@
+"""The forward pass, driven by an execution plan.
+
+One layer step serves prefill, decode, scoring and speculative verification:
+
+    for each layer:  plan = planner.layer(i, x)       # None: dense
+                     attention over plan.attn rows    # gather -> block -> scatter the residual update
+                     FFN over plan.ffn rows
+
+A row outside a unit's index set is not computed: its hidden state is gathered out, the block runs on the smaller
+matrix, and the update is added back with ``index_add_``. The dense path gathers nothing and builds one mask per
+step, so a plain model pays nothing for the machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..models.config import ModelConfig
+from ..models.llama import LlamaModel, apply_rope, rms_norm
+from .cache import KVCache
+from .plan import LayerPlan
+from .stats import Stats
+
+
+@dataclass
+class LayerWeights:
+    """One layer's tensors. q/k/v and gate/up are fused into single matrices when the engine owns its weights
+    (fewer, larger matmuls: decode at batch 1 is dominated by per-op overhead); when it borrows a transformers
+    model's tensors (``fuse=False``) they stay separate and nothing is copied."""
+
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    wq: torch.Tensor
+    wkv: tuple[torch.Tensor, ...]  # (wk|wv fused) or (wk, wv)
+    wqkv: torch.Tensor | None  # fused q|k|v, or None
+    bq: torch.Tensor | None
+    bkv: tuple[torch.Tensor, ...] | None
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    wgu: tuple[torch.Tensor, ...]  # (gate|up fused) or (gate, up)
+    wd: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qdim: int
+    kvdim: int
+
+    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is not None:
+            return F.linear(h, self.wqkv, self.bqkv).split((self.qdim, self.kvdim, self.kvdim), dim=-1)
+        k, v = self.kv(h)
+        return F.linear(h, self.wq, self.bq), k, v
+
+    def q(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.wq, self.bq)
+
+    def kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bkv = self.bkv or (None,) * len(self.wkv)
+        if len(self.wkv) == 1:
+            return F.linear(h, self.wkv[0], bkv[0]).split((self.kvdim, self.kvdim), dim=-1)
+        return F.linear(h, self.wkv[0], bkv[0]), F.linear(h, self.wkv[1], bkv[1])
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        if len(self.wgu) == 1:
+            g, u = F.linear(h, self.wgu[0]).chunk(2, dim=-1)
+        else:
+            g, u = F.linear(h, self.wgu[0]), F.linear(h, self.wgu[1])
+        return F.linear(F.silu(g) * u, self.wd)
+
+
+def prepare_layers(model: LlamaModel, fuse: bool = True) -> list[LayerWeights]:
+    cfg = model.config
+    qdim, kvdim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        bias = cfg.attention_bias
+        if fuse:
+            wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            bqkv = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if bias else None
+            wq, wkv = wqkv[:qdim], (wqkv[qdim:],)
+            bq, bkv = (bqkv[:qdim], (bqkv[qdim:],)) if bias else (None, None)
+            wgu = (torch.cat([m.gate_proj.weight, m.up_proj.weight]),)
+            # Point the module's own parameters into the fused storage so the model is held once, not twice.
+            a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data = wqkv.split((qdim, kvdim, kvdim))
+            m.gate_proj.weight.data, m.up_proj.weight.data = wgu[0].chunk(2)
+        else:
+            wqkv = bqkv = None
+            wq, wkv = a.q_proj.weight, (a.k_proj.weight, a.v_proj.weight)
+            bq, bkv = (a.q_proj.bias, (a.k_proj.bias, a.v_proj.bias)) if bias else (None, None)
+            wgu = (m.gate_proj.weight, m.up_proj.weight)
+        out.append(LayerWeights(
+            ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+            wq=wq, wkv=wkv, wqkv=wqkv, bq=bq, bkv=bkv, bqkv=bqkv, wo=a.o_proj.weight, wgu=wgu,
+            wd=m.down_proj.weight,
+            q_norm=a.q_norm.weight if cfg.qk_norm else None, k_norm=a.k_norm.weight if cfg.qk_norm else None,
+            qdim=qdim, kvdim=kvdim,
+        ))
+    return out
+
+
+@dataclass
+class StepContext:
+    """What a planner may look at when deciding a layer's plan."""
+
+    engine: "Engine"
+    B: int
+    T: int
+    start: int
+    end: int
+    positions: torch.Tensor  # (B, T) rotary positions of the new tokens
+    phase: str  # "prefill" | "decode" | "score" | "verify"
+    stats: Stats | None
+    cache: KVCache
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+class Planner(Protocol):
+    """Asked once per layer, with the incoming hidden states (B, T, D) of the step's tokens."""
+
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None: ...
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+
+
+class Engine:
+    """Weights prepared for inference, plus the plan-driven forward pass."""
+
+    def __init__(self, model: LlamaModel, tokenizer: Any = None, fuse: bool = True):
+        self.model = model
+        self.cfg: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.layers = prepare_layers(model, fuse)
+        self.embed = model.model.embed_tokens.weight
+        self.norm = model.model.norm.weight
+        self.head = model.head_weight
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        self.inv_freq = model.inv_freq.to(self.device)
+        c = self.cfg
+        self._H, self._Hk, self._hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.name = "model"
+
+    # ---- small pieces, also used by policies ------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = positions.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((f, f), dim=-1)[..., None, :]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (shared by every exit point)."""
+        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.head)
+
+    def head_flops(self, n: int) -> float:
+        return 2.0 * n * self.cfg.hidden_size * self.cfg.vocab_size
+
+    # ---- the forward pass -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, planner: Planner | None = None,
+                stats: Stats | None = None, logits: str | None = "all", phase: str = "prefill",
+                first_layer: int = 0, last_layer: int | None = None, hidden: torch.Tensor | None = None
+                ) -> ForwardOutput:
+        """Run layers [first_layer, last_layer) on ``ids`` (B, T), appending to ``cache``.
+
+        ``hidden`` replaces the embedding (to resume from a saved exit state); ``logits`` is "all", "last" or None.
+        """
+        B, T = ids.shape
+        L = self.cfg.num_hidden_layers
+        last_layer = L if last_layer is None else last_layer
+        if cache is None:
+            cache = self.new_cache(B, T)
+        if first_layer == 0 and hidden is None:
+            start, end = cache.reserve(T)
+        else:  # continuing a step whose columns were reserved by the earlier call
+            start, end = cache.length - T, cache.length
+        positions = cache.positions(start, end)
+        cos, sin = self.rope(positions)
+        x = F.embedding(ids, self.embed) if hidden is None else hidden
+        ctx = StepContext(self, B, T, start, end, positions, phase, stats, cache)
+        if stats is not None and first_layer == 0:
+            stats.begin_step(B, T, start)
+        base_mask = self._mask(cache, cache.valid, T, start, end) if cache.padded or T > 1 else None
+        causal = not cache.padded and T > 1 and start == 0
+        for i in range(first_layer, last_layer):
+            plan = planner.layer(i, x, ctx) if planner is not None else None
+            if i in cache.holes:
+                mask, is_causal = self._mask(cache, cache.holes[i], T, start, end), False
+            else:
+                mask, is_causal = (None, True) if causal else (base_mask, False)
+            if plan is None or plan.dense:
+                x = self._dense_layer(i, x, cos, sin, cache, start, end, mask, is_causal)
+                if stats is not None:
+                    stats.layer(i, None, None, None, None)
+            else:
+                x = self._planned_layer(i, x, plan, cos, sin, cache, start, end, mask, is_causal, stats)
+            obs = getattr(planner, "observe", None)
+            if obs is not None:
+                obs(i, x, ctx)
+        if stats is not None and last_layer == L:
+            stats.end_step()
+        out = None
+        if logits == "all":
+            out = self.logits(x)
+        elif logits == "last":
+            out = self.logits(x[:, -1])
+        return ForwardOutput(out, x)
+
+    def _mask(self, cache: KVCache, valid: torch.Tensor, T: int, start: int, end: int) -> torch.Tensor | None:
+        """(B, 1, T, end) boolean: causal, valid keys, and always the query itself (keeps padding rows finite)."""
+        kcol = torch.arange(end, device=valid.device)
+        qcol = torch.arange(start, end, device=valid.device)
+        causal = kcol[None, :] <= qcol[:, None]
+        own = kcol[None, :] == qcol[:, None]
+        return (causal[None] & valid[:, None, :end]) | own[None]
+        # unsqueezed to (B, 1, T, end) by the caller through broadcasting in SDPA
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        if mask is not None:
+            mask = mask[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                              enable_gqa=self._H != self._Hk)
+
+    def _qk(self, w: LayerWeights, q: torch.Tensor, k: torch.Tensor, cos, sin):
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, self.cfg.rms_norm_eps)
+            k = rms_norm(k, w.k_norm, self.cfg.rms_norm_eps)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def _dense_layer(self, i, x, cos, sin, cache, start, end, mask, is_causal):
+        w = self.layers[i]
+        B, T, _ = x.shape
+        H, Hk, hd = self._H, self._Hk, self._hd
+        eps = self.cfg.rms_norm_eps
+        q, k, v = w.qkv(rms_norm(x, w.ln1, eps))
+        q, k = self._qk(w, q.view(B, T, H, hd), k.view(B, T, Hk, hd), cos, sin)
+        ck, cv = cache.k[i], cache.v[i]
+        ck[:, :, start:end] = k.transpose(1, 2)
+        cv[:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
+        o = self._attend(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], mask, is_causal)
+        x = x + F.linear(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
+        return x + w.mlp(rms_norm(x, w.ln2, eps))
+
+    def _planned_layer(self, i, x, plan: LayerPlan, cos, sin, cache: KVCache, start, end, mask, is_causal,
+                       stats: Stats | None):
+        w = self.layers[i]
+        B, T, D = x.shape
+        N = B * T
+        H, Hk, hd = self._H, self._Hk, self._hd
+        eps = self.cfg.rms_norm_eps
+        xf = x.reshape(N, D)
+        cosf, sinf = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
+        a = plan.attn
+        attn_ctx = None
+        kv_rows: torch.Tensor | None
+        if a is None:  # attention dense, only the FFN is planned
+            xf = self._dense_attn_rows(i, x, cos, sin, cache, start, end, mask, is_causal).reshape(N, D)
+            kv_rows = None
+        else:
+            na = a.numel()
+            if plan.kv == "compute":
+                h_all = rms_norm(xf, w.ln1, eps)
+                k, v = w.kv(h_all)
+                k = k.view(N, Hk, hd)
+                if w.k_norm is not None:
+                    k = rms_norm(k, w.k_norm, eps)
+                k = apply_rope(k, cosf, sinf)
+                cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
+                cache.v[i][:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
+                h_a = h_all[a] if na else None
+                kv_rows = None
+            else:
+                h_a = rms_norm(xf[a], w.ln1, eps)
+                if na:
+                    k, v = w.kv(h_a)
+                    k = k.view(na, Hk, hd)
+                    if w.k_norm is not None:
+                        k = rms_norm(k, w.k_norm, eps)
+                    k = apply_rope(k, cosf[a], sinf[a])
+                    rows, cols = a // T, a % T + start
+                    cache.k[i][rows, :, cols] = k
+                    cache.v[i][rows, :, cols] = v.reshape(na, Hk, hd)
+                off = torch.ones(N, dtype=torch.bool, device=x.device)
+                off[a] = False
+                idx = off.nonzero().squeeze(1)
+                if idx.numel():
+                    cache.punch(i, idx // T, idx % T + start)
+                kv_rows = a
+            if na:
+                q = w.q(h_a).view(na, H, hd)
+                if w.q_norm is not None:
+                    q = rms_norm(q, w.q_norm, eps)
+                q = apply_rope(q, cosf[a], sinf[a])
+                o, attn_ctx = self._attend_rows(i, q, a, T, start, end, cache)
+                xf = xf.index_add(0, a, F.linear(o, w.wo))
+        f = plan.ffn
+        if f is None:
+            xf = xf + w.mlp(rms_norm(xf, w.ln2, eps))
+        elif f.numel():
+            xf = xf.index_add(0, f, w.mlp(rms_norm(xf[f], w.ln2, eps)))
+        if stats is not None:
+            stats.layer(i, a, kv_rows, f, attn_ctx)
+        return xf.view(B, T, D)
+
+    def _dense_attn_rows(self, i, x, cos, sin, cache, start, end, mask, is_causal):
+        """Attention for every row (the FFN half of the layer is planned separately)."""
+        w = self.layers[i]
+        B, T, _ = x.shape
+        H, Hk, hd = self._H, self._Hk, self._hd
+        q, k, v = w.qkv(rms_norm(x, w.ln1, self.cfg.rms_norm_eps))
+        q, k = self._qk(w, q.view(B, T, H, hd), k.view(B, T, Hk, hd), cos, sin)
+        cache.k[i][:, :, start:end] = k.transpose(1, 2)
+        cache.v[i][:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
+        o = self._attend(q.transpose(1, 2), cache.k[i][:, :, :end], cache.v[i][:, :, :end], mask, is_causal)
+        return x + F.linear(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
+
+    def _attend_rows(self, i: int, q: torch.Tensor, a: torch.Tensor, T: int, start: int, end: int,
+                     cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention for a subset of query tokens: packed per batch row, so only present rows' keys are read."""
+        H, hd = self._H, self._hd
+        rows, cols = a // T, a % T + start
+        urows, inv, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
+        nr, tq = urows.numel(), int(counts.max())
+        slot = torch.arange(a.numel(), device=a.device) - (counts.cumsum(0) - counts)[inv]
+        qp = q.new_zeros(nr, tq, H, hd)
+        qp[inv, slot] = q
+        qcol = torch.full((nr, tq), -1, dtype=torch.long, device=a.device)
+        qcol[inv, slot] = cols
+        if nr == cache.batch:
+            k, v, valid = cache.k[i][:, :, :end], cache.v[i][:, :, :end], cache.layer_valid(i)[:, :end]
+        else:
+            k, v = cache.k[i][urows, :, :end], cache.v[i][urows, :, :end]
+            valid = cache.layer_valid(i)[urows, :end]
+        kcol = torch.arange(end, device=a.device)
+        allowed = (kcol <= qcol[..., None]) & (valid[:, None, :] | (kcol == qcol[..., None]))
+        allowed |= (qcol[..., None] < 0) & (kcol == 0)  # empty packing slots: keep them finite, discard later
+        o = self._attend(qp.transpose(1, 2), k, v, allowed, False)
+        o = o.transpose(1, 2)[inv, slot].reshape(a.numel(), H * hd)
+        ctx = (allowed[inv, slot].sum()).float()
+        return o, ctx

@@ -1,0 +1,62 @@
+"""Execution plans: which token rows run which unit of which layer.
+
+A plan is the only thing a policy hands the engine. Keeping it this small (two index sets and a KV rule per layer)
+is what lets one forward pass serve every method and lets the engine count, rather than trust, the work done.
+
+Token rows are flat indices into the ``B * T`` tokens of the current step, sorted ascending. ``None`` means every
+row (the dense fast path, no gather); an empty tensor means no row (the unit's weights are not even read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+KVMode = Literal["compute", "none"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer runs for one forward step.
+
+    kv says what a row that does *not* run attention leaves in this layer's KV cache:
+    ``"compute"``: K/V projected from its incoming hidden state (later tokens see a complete cache);
+    ``"none"``: nothing; the slot is masked for every later query (cheapest, but later tokens lose context).
+    """
+
+    attn: torch.Tensor | None = None
+    ffn: torch.Tensor | None = None
+    kv: KVMode = "compute"
+
+    @property
+    def dense(self) -> bool:
+        return self.attn is None and self.ffn is None
+
+    @staticmethod
+    def skip(device: torch.device | str = "cpu", kv: KVMode = "none") -> "LayerPlan":
+        """Skip the whole layer for every row."""
+        e = torch.empty(0, dtype=torch.long, device=device)
+        return LayerPlan(attn=e, ffn=e, kv=kv)
+
+    @staticmethod
+    def from_masks(attn: torch.Tensor | None, ffn: torch.Tensor | None, kv: KVMode = "compute") -> "LayerPlan":
+        """Build from boolean masks of shape (B, T) (True = run). All-True masks become the dense ``None``."""
+        return LayerPlan(attn=_rows(attn), ffn=_rows(ffn), kv=kv)
+
+
+def _rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    flat = mask.reshape(-1)
+    idx = flat.nonzero().squeeze(1)  # one host sync per plan: the price of really shrinking the matrices
+    return None if idx.numel() == flat.numel() else idx
+
+
+Plan = list[LayerPlan] | None  # None: dense for every layer
+
+
+def validate_kv(kv: str) -> None:
+    if kv not in ("compute", "none"):
+        raise ValueError(f"kv mode must be 'compute' or 'none', not {kv!r}")

@@ -1,0 +1,1 @@
+"""Metrics, timing, sweeps and reports."""

@@ -1,0 +1,83 @@
+"""The policy interface: one budget knob, four honest flags, and plans for the engine.
+
+A policy decides; it never touches weights or the cache. Static policies return the same per-layer plan every step;
+adaptive ones read the hidden states the engine passes to ``Planner.layer`` and answer for the rows in front of them.
+A policy that changes *how* tokens are generated (speculative decoding) overrides ``generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..engine.forward import Engine, Planner, StepContext
+from ..engine.generate import GenerationResult, SamplingConfig, generate
+from ..engine.plan import LayerPlan
+from ..engine.stats import Stats
+from ..errors import PonderError
+
+
+@dataclass
+class Policy:
+    """Base class. ``budget`` is the target fraction of dense per-token layer FLOPs, in (0, 1]."""
+
+    budget: float = 1.0
+
+    name: ClassVar[str] = "base"
+    real: ClassVar[bool] = True  # skipped work is really not computed (gather/scatter), so timing it is meaningful
+    kv_compatible: ClassVar[bool] = True  # KV-cached decoding equals recomputing the whole sequence
+    batch_compatible: ClassVar[bool] = True  # a batch equals its rows run alone
+    training_free: ClassVar[bool] = True
+    lossless: ClassVar[bool] = False  # greedy output identical to dense at every budget
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if not isinstance(b, (int, float)) or not 0 < float(b) <= 1:
+            raise PonderError(f"budget must be in (0, 1], got {b!r}")
+        self.budget = float(b)
+
+    # ---- to override -----------------------------------------------------------------------------------------
+    def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
+        """Fit thresholds / choose layers on calibration token sequences. Default: nothing to fit."""
+
+    def planner(self, engine: Engine) -> Planner | None:
+        """A fresh planner for one generate/score call (it may keep per-call state). None: dense."""
+        return None
+
+    def generate(self, engine: Engine, prompts: list[list[int]], sc: SamplingConfig, stats: Stats | None = None,
+                 on_token=None) -> GenerationResult:
+        return generate(engine, prompts, sc, lambda: self.planner(engine), stats, on_token)
+
+    # ---- shared ----------------------------------------------------------------------------------------------
+    @classmethod
+    def flags(cls) -> dict[str, bool]:
+        return {"real": cls.real, "kv_compatible": cls.kv_compatible, "batch_compatible": cls.batch_compatible,
+                "training_free": cls.training_free, "lossless": cls.lossless}
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name, **self.params(), **self.flags()}
+
+
+class StaticPlanner:
+    """The same plan for every step: per layer None (dense), or a whole-layer / whole-unit skip."""
+
+    def __init__(self, plans: list[LayerPlan | None]):
+        self.plans = plans
+
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        return self.plans[i]
+
+
+def layer_flops_share(engine: Engine) -> tuple[float, float]:
+    """(attention share, FFN share) of a layer's per-token projection FLOPs: how much skipping each unit saves."""
+    c = engine.cfg
+    tot = c.attn_proj_params + c.ffn_params
+    return c.attn_proj_params / tot, c.ffn_params / tot
+
+
+_ = asdict  # re-exported convenience for subclasses' serialisation

@@ -1,0 +1,1 @@
+"""Training: corpus, tokenizer, and the recipe that made the shipped reference model."""

@@ -1,0 +1,79 @@
+"""Tiny random models of every supported family, built with transformers (the oracle) and saved as HF folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+
+
+def hf_config(family: str, layers: int = 4, tie: bool = False):
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=tie, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "llama3":
+        return tf.LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32})
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16)
+    raise ValueError(family)
+
+
+def hf_model(family: str, layers: int = 4, tie: bool = False, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, layers, tie)
+    cls = {"llama": tf.LlamaForCausalLM, "llama3": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM,
+           "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM}[family]
+    m = cls(cfg).eval()
+    with torch.no_grad():  # transformers initialises biases and norms to trivial values; make them matter
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def write_tokenizer(path) -> None:
+    """A byte-level BPE tokenizer with the tiny models' vocabulary size (97)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=97, special_tokens=["<pad>", "<s>", "</s>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["hello world, the cat sat on the mat. def f(x): return x + 1"] * 20, tr)
+    tok.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A saved tiny Llama checkpoint folder (safetensors + tokenizer.json), the oracle model beside it."""
+    cache = {}
+
+    def make(family: str = "llama", layers: int = 4, tie: bool = False):
+        key = (family, layers, tie)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"{family}{layers}{'t' if tie else ''}")
+            m = hf_model(family, layers, tie)
+            m.save_pretrained(d, safe_serialization=True)
+            write_tokenizer(d)
+            cache[key] = (d, m)
+        return cache[key]
+
+    return make
