@@ -213,6 +213,8 @@ class Engine:
             out = self.logits(x)
         elif logits == "last":
             out = self.logits(x[:, -1])
+        if stats is not None and out is not None:
+            stats.add_head(out.numel() // self.cfg.vocab_size)
         return ForwardOutput(out, x)
 
     def _mask(self, cache: KVCache, valid: torch.Tensor, T: int, start: int, end: int) -> torch.Tensor | None:

@@ -25,6 +25,8 @@ class Stats:
     overhead_flops: float = 0.0  # policy-side work: extra LM-head calls, routers, similarity checks
     weight_bytes: float = 0.0  # layer weights read (a unit's weights are read once per step if any row ran it)
     dense_weight_bytes: float = 0.0
+    head_flops: float = 0.0  # final norm + LM head on the rows whose logits were asked for
+    head_bytes: float = 0.0
     tokens: int = 0
     steps: int = 0
     unit_maps: list[torch.Tensor] = field(default_factory=list)  # per step: (B, T, L) uint8 of ATTN|FFN|KV bits
@@ -78,6 +80,11 @@ class Stats:
     def add_overhead(self, flops: float) -> None:
         self.overhead_flops += flops
 
+    def add_head(self, rows: int) -> None:
+        c = self.cfg
+        self.head_flops += 2.0 * rows * c.hidden_size * c.vocab_size
+        self.head_bytes += c.hidden_size * c.vocab_size * self.weight_bytes_per_param
+
     # ---- read by benches and the CLI -----------------------------------------------------------------------------
     @property
     def flops_fraction(self) -> float:
@@ -86,6 +93,18 @@ class Stats:
     @property
     def weight_bytes_fraction(self) -> float:
         return self.weight_bytes / self.dense_weight_bytes if self.dense_weight_bytes else 1.0
+
+    @property
+    def total_flops_fraction(self) -> float:
+        """Everything executed, LM head included, over the same for dense: the prefill speed prediction."""
+        d = self.dense_flops + self.head_flops
+        return (self.flops + self.overhead_flops + self.head_flops) / d if d else 1.0
+
+    @property
+    def total_weight_bytes_fraction(self) -> float:
+        """Weights read, LM head included (read every step): the decode speed prediction (bandwidth bound)."""
+        d = self.dense_weight_bytes + self.head_bytes
+        return (self.weight_bytes + self.head_bytes) / d if d else 1.0
 
     def layers_used(self) -> list[torch.Tensor]:
         """Per step, (B, T) count of layers in which each token ran attention or its FFN."""
@@ -97,6 +116,8 @@ class Stats:
             "steps": self.steps,
             "flops_fraction": round(self.flops_fraction, 6),
             "weight_bytes_fraction": round(self.weight_bytes_fraction, 6),
+            "total_flops_fraction": round(self.total_flops_fraction, 6),
+            "total_weight_bytes_fraction": round(self.total_weight_bytes_fraction, 6),
             "executed_gflops": round((self.flops + self.overhead_flops) / 1e9, 6),
             "dense_gflops": round(self.dense_flops / 1e9, 6),
             "overhead_gflops": round(self.overhead_flops / 1e9, 6),
