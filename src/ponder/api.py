@@ -66,7 +66,8 @@ def load(path: str | Path = "ref", dtype: str | torch.dtype | None = None,
     dt = resolve_dtype(dtype, dev)
     folder = resolve_model(path)
     model, folder = load_folder(folder, dtype=dt)
-    tok = Tokenizer(folder / "tokenizer.json")
+    # A folder without tokenizer.json still serves token ids; text in or out then raises a clear error.
+    tok = Tokenizer(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     eng = Engine(model.to(dev), tok)
     eng.name = "ref" if str(path) == "ref" else folder.name
     eng.path = folder

@@ -29,7 +29,10 @@ def _setup(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device)
+    eng = load(args.model, dtype=args.dtype, device=args.device)
+    if eng.tokenizer is None:
+        raise PonderError(f"{eng.path} has no tokenizer.json; the CLI needs one to read and write text")
+    return eng
 
 
 def _policy(args: argparse.Namespace, engine):

@@ -235,8 +235,10 @@ def check_memory(cfg: TrainConfig, n_params: int) -> None:
                           "lower batch_size, seq_len or the model size")
 
 
-def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
-    """Train (or resume) and export; returns the exported HF folder."""
+def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train (or resume) and export; returns the exported HF folder.
+
+    ``stop_after`` ends this run after that many steps (writing a checkpoint), as an interruption would."""
     rank, world = _dist()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -311,14 +313,25 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> Path:
                     rec["val_loss"] = round(evaluate(model, val, cfg, device), 5)
                 with log_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        interrupted = stop_after is not None and done - start >= stop_after
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or interrupted:
             if rank == 0:
                 save_checkpoint(ckpt, model, opt, cfg, done, {"elapsed_s": elapsed, "tokens_seen": tokens})
                 plot_loss(log_path, out / "loss.png")
             if world > 1:
                 torch.distributed.barrier()
+        if interrupted:
+            if bar is not None:
+                bar.close()
+            return ckpt
     if bar is not None:
         bar.close()
+    if world > 1:  # the replicas must agree bit for bit; record each rank's checksum so a test can see it
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+        gathered = [torch.zeros_like(sums) for _ in range(world)]
+        torch.distributed.all_gather(gathered, sums)
+        if rank == 0:
+            (out / "ddp_check.json").write_text(json.dumps({"world": world, "checksums": [g.tolist() for g in gathered]}))
     final = out / "final"
     if rank == 0:
         export_hf(model, cfg, final, data_dir / "tokenizer.json")
