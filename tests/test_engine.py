@@ -260,3 +260,24 @@ def test_shape_mismatch_and_corrupt_weights(tmp_path, tiny_folder):
     (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(PonderError, match="corrupt or truncated"):
         api.load(corrupt)
+
+
+def test_bfloat16_on_cpu_tracks_float32(tiny_folder):
+    folder, _ = tiny_folder("llama")
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(9))
+    ref = api.load(folder).forward(ids).logits
+    bf = api.load(folder, dtype="bfloat16")
+    assert bf.embed.dtype == torch.bfloat16
+    out = bf.forward(ids).logits.float()
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_decode_attention_with_padding_and_gqa(tiny_folder):
+    """The single-query attention path (decode) agrees with full recomputation for padded GQA batches."""
+    eng = api.load(tiny_folder("qwen3")[0])
+    prompts = [[5, 6, 7, 8, 9], [40, 41]]
+    sc = SamplingConfig(max_new_tokens=6)
+    out = generate(eng, prompts, sc).tokens
+    for p, o in zip(prompts, out):
+        full = eng.forward(torch.tensor([p + o[:-1]])).logits[0, len(p) - 1:].argmax(-1).tolist()
+        assert full == o
