@@ -82,3 +82,18 @@ def test_ddp_two_cpu_processes_agree(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     check = json.loads((tmp_path / "ddp" / "ddp_check.json").read_text())
     assert check["world"] == 2 and check["checksums"][0] == check["checksums"][1]
+
+
+def test_config_too_big_for_memory_is_refused(data_dir, tmp_path):
+    with pytest.raises(PonderError, match="GiB but"):
+        train(_cfg(data_dir, tmp_path / "big", hidden_size=4096, intermediate_size=16384, num_hidden_layers=64,
+                   vocab_size=65000, batch_size=64, seq_len=4096, max_position_embeddings=4096), progress=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    cfg = _cfg(data_dir, tmp_path / "x")
+    train(cfg, progress=False, stop_after=1)
+    ck = tmp_path / "x" / "checkpoint" / "optimizer.safetensors"
+    ck.write_bytes(ck.read_bytes()[:100])
+    with pytest.raises(PonderError, match="unreadable"):
+        train(cfg, progress=False)

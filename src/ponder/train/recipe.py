@@ -249,8 +249,10 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
     val = TokenData(data_dir / "val.bin", cfg.seq_len) if (data_dir / "val.bin").is_file() else None
 
     torch.manual_seed(cfg.seed)
-    model = LlamaModel(cfg.model_config()).init_weights(cfg.seed).to(device)
-    check_memory(cfg, model.num_parameters())
+    mc = cfg.model_config()
+    check_memory(cfg, mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
+                 + mc.num_hidden_layers * (mc.attn_proj_params + mc.ffn_params))  # before allocating anything
+    model = LlamaModel(mc).init_weights(cfg.seed).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
