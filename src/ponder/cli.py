@@ -205,7 +205,8 @@ def _load_extras() -> None:
             if not (e.name and mod.startswith(e.name)):
                 raise
             continue
-        _EXTRA_COMMANDS.append(m.add_subcommand)
+        if m.add_subcommand not in _EXTRA_COMMANDS:  # main() may run more than once in a process
+            _EXTRA_COMMANDS.append(m.add_subcommand)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ class Stats:
         nf = n if ffn_rows is None else ffn_rows.numel()
         q_o = c.attn_proj_params - c.kv_proj_params
         self.flops += 2 * (na * q_o + nk * c.kv_proj_params + nf * c.ffn_params)
-        self.flops += c.attn_core_flops(1) * (self._ctx_sum if attn_rows is None else (attn_ctx or 0.0))
+        self.flops += c.attn_core_flops(1) * (self._ctx_sum if attn_rows is None else float(attn_ctx or 0.0))
         wb = self.weight_bytes_per_param
         self.weight_bytes += wb * ((q_o if na else 0) + (c.kv_proj_params if (na or nk) else 0)
                                    + (c.ffn_params if nf else 0))

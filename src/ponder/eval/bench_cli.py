@@ -1,0 +1,171 @@
+"""The ``ponder bench`` and ``ponder report`` subcommands (picked up by ``ponder.cli`` automatically).
+
+``--task`` selects what is benchmarked. ``lm`` (the default) is implemented here; other tasks are looked up in
+``TASKS`` as ``"module:function"`` and called with the parsed arguments (returning an exit status), so the encoder
+bench can live in its own package and reuse ``timing``, ``envinfo``, ``sweep`` and ``report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import PonderError
+
+TASKS: dict[str, str] = {
+    "lm": "ponder.eval.bench_cli:run_lm",
+    "embed": "ponder.encoders.bench:run_cli",
+}
+DEFAULT_OUT = "bench-results"
+
+
+def _task_fn(task: str) -> Callable[[argparse.Namespace], int]:
+    if task not in TASKS:
+        raise PonderError(f"unknown --task {task!r}; choose one of: {', '.join(TASKS)}")
+    mod, fn = TASKS[task].split(":")
+    try:
+        m = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name and mod.startswith(e.name):
+            raise PonderError(f"--task {task} is not available in this installation ({mod} is missing)") from None
+        raise
+    return getattr(m, fn)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return _task_fn(args.task)(args)
+
+
+def run_lm(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..policies import registry
+    from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, RESERVED, profile_settings, run_lm_bench
+    from .sweep import parse_budgets
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.policies in (None, "", "all"):
+        policies = registry.names()
+    else:
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        if not policies:
+            raise PonderError("--policies is empty; give names like dense,random,layer-drop (see `ponder policies`)")
+        known = set(registry.names()) | set(RESERVED)
+        unknown = [p for p in policies if p not in known]
+        if unknown:
+            raise PonderError(f"unknown policy {unknown[0]!r}; available: {', '.join(registry.names())}")
+    budgets = parse_budgets(args.budgets) if args.budgets else list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
+    prose = args.prose
+    overrides: dict[str, Any] = dict(
+        data=args.data, ppl_tokens=args.tokens, kl_tokens=args.kl_tokens, prompts=args.prompts,
+        new_tokens=args.new_tokens, probes=args.probes, repeats=args.repeats, warmup=args.warmup,
+        decode_batch=args.batch)
+    if prose is not None:
+        overrides["prose"] = None if prose.lower() == "none" else prose
+        if prose.lower() == "none":
+            overrides["prose_tokens"] = 0
+        elif args.quick:
+            overrides["prose_tokens"] = args.tokens or 2048
+    if args.no_peer:
+        overrides["peer"] = False
+    for k in ("tokens", "kl_tokens", "prompts", "new_tokens", "repeats", "batch"):
+        v = getattr(args, k)
+        if v is not None and v < (0 if k in ("prompts",) else 1):
+            raise PonderError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    if args.data is not None:
+        from .metrics import read_text
+
+        read_text(args.data)
+    settings = profile_settings(args.quick, **overrides)
+    summary = run_lm_bench(args.model, policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
+                           show_progress=not args.no_progress and not args.json, write_report=not args.no_report)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"bench: {summary['written']} point(s) measured, {summary['skipped']} already present, "
+              f"{len(summary['failed'])} failed, {summary['seconds']:.0f} s; results in {summary['results']}")
+        for f in summary["failed"]:
+            print(f"  failed: {f}")
+        if summary.get("report"):
+            md = Path(summary["report"][-1])
+            if md.suffix == ".md" and md.is_file():
+                print(_headline(md.read_text()))
+            print("report: " + ", ".join(summary["report"]))
+    return 1 if summary["failed"] else 0
+
+
+def _headline(md: str) -> str:
+    """The verdict line and the main table of report.md, for the terminal."""
+    lines = md.splitlines()
+    out, on = [], False
+    for ln in lines:
+        if ln.startswith("## Results"):
+            on = True
+            continue
+        if on and ln.startswith("## "):
+            break
+        if on:
+            out.append(ln)
+    verdict = [ln for ln in lines if ln.startswith("**A/A control")]
+    return "\n".join(verdict + [""] + [ln for ln in out if ln.strip() or out]).strip()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+    from .sweep import RESULTS
+
+    d = Path(args.dir)
+    if not (d / RESULTS).is_file():
+        raise PonderError(f"{d} holds no {RESULTS}; run `ponder bench --out {d}` first")
+    paths = build_report(d)
+    if args.json:
+        print(json.dumps({"report": [str(p) for p in paths]}))
+    else:
+        print("report: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def add_subcommand(sub: Any) -> None:
+    b = sub.add_parser("bench", help="sweep policies x budgets against dense; writes results.jsonl and a report",
+                       description="Measure quality, compute and time of every policy at every budget against the "
+                                   "dense model, in one process on the same weights. Appends one JSON line per "
+                                   "point to OUT/results.jsonl (a rerun skips finished points) and writes "
+                                   "OUT/report.html and OUT/report.md.")
+    b.add_argument("--model", default="ref", help="local Hugging Face checkpoint folder, or 'ref' (shipped model)")
+    b.add_argument("--task", default="lm", help="what to benchmark: lm (default) or embed (encoder models)")
+    b.add_argument("--policies", default=None, help="comma-separated policy names (default: every registered one)")
+    b.add_argument("--budgets", default=None,
+                   help="comma-separated budgets in (0, 1] (default: 1,0.9,0.75,0.6,0.5; --quick: 0.75,0.5)")
+    b.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default: ./{DEFAULT_OUT})")
+    b.add_argument("--quick", action="store_true",
+                   help="a small but complete sweep (every policy, two budgets, small samples): minutes, not tens")
+    b.add_argument("--data", default=None, help="evaluation text file (default: the shipped held-out code)")
+    b.add_argument("--prose", default=None, help="second text for perplexity (default: shipped prose; 'none' to skip)")
+    b.add_argument("--tokens", type=int, default=None, help="tokens of --data scored for perplexity")
+    b.add_argument("--kl-tokens", type=int, default=None, help="tokens compared with dense for KL / top-1 agreement")
+    b.add_argument("--prompts", type=int, default=None, help="greedy prompts compared with dense")
+    b.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt")
+    b.add_argument("--probes", type=int, default=None, help="probes from data/eval/probes.jsonl (0: none)")
+    b.add_argument("--batch", type=int, default=None, help="batch size of the second decode timing (default 8)")
+    b.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (after warm-up)")
+    b.add_argument("--warmup", type=int, default=None, help="discarded warm-up rounds")
+    b.add_argument("--no-peer", action="store_true", help="do not time transformers' generate as a peer")
+    b.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    b.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    b.add_argument("--json", action="store_true", help="print one JSON summary instead of the table")
+    b.set_defaults(fn=cmd_bench)
+    r = sub.add_parser("report", help="write report.html and report.md for a bench results folder")
+    r.add_argument("dir", help="a folder holding results.jsonl")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_report)
+
+
+_ = sys

@@ -1,0 +1,321 @@
+"""The bench harness: timing rules, the two baseline policies, quality metrics, results files and the CLI.
+
+Everything runs on the tiny random models of conftest.py; nothing asserts a timing, only that timings are taken
+the way the harness promises (interleaved, warm-up discarded, one row per point, resumable, refusing bad input).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import ponder.api as api
+from ponder.cli import main as cli_main
+from ponder.engine import SamplingConfig, Stats, generate
+from ponder.errors import PonderError
+from ponder.eval import quality, sweep, timing
+from ponder.eval.envinfo import environment, model_fingerprint
+from ponder.policies import registry
+from ponder.policies.layer_drop import LayerDrop
+from ponder.policies.random_skip import RandomSkip, uniform_hash
+
+TOL = 2e-5
+CODE = ("def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
+        "    def push(self, x):\n        self.items.append(x)\n\n    def pop(self):\n        return self.items.pop()\n")
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory):
+    """Tiny Llama checkpoints whose vocabulary covers the test tokenizer (259 ids), so they can read real text."""
+    import transformers as tf
+
+    from conftest import write_tokenizer
+
+    cache = {}
+
+    def make(layers: int = 6, seed: int = 0):
+        if (layers, seed) not in cache:
+            torch.manual_seed(seed)
+            cfg = tf.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+            d = tmp_path_factory.mktemp(f"text{layers}_{seed}")
+            tf.LlamaForCausalLM(cfg).eval().save_pretrained(d, safe_serialization=True)
+            write_tokenizer(d)
+            cache[(layers, seed)] = d
+        return cache[(layers, seed)]
+
+    return make
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+
+def test_interleaved_rounds_rotate_and_discard_warmup():
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    t = timing.interleaved(fns, warmup=2, repeats=3)
+    assert len(calls) == 3 * 5  # every round runs every function
+    assert calls[:3] == ["a", "b", "c"] and calls[3:6] == ["b", "c", "a"]  # who goes first rotates
+    for v in t.values():
+        assert len(v["samples"]) == 3 and v["min"] <= v["median"] <= v["max"]
+
+
+def test_interleaved_uses_self_measured_seconds_and_min_time():
+    t = timing.interleaved({"x": lambda: 0.25, "y": lambda: 0.5}, warmup=0, repeats=2, min_seconds=3.0,
+                           max_repeats=10)
+    assert t["x"]["median"] == 0.25 and t["y"]["median"] == 0.5
+    assert len(t["x"]["samples"]) == 4  # rounds added until 3 s of (reported) time were collected
+    assert timing.paired_ratio(t["y"], t["x"])["median"] == 2.0
+
+
+def test_environment_and_fingerprint(tiny_folder, tmp_path):
+    env = environment("cpu", torch.float32)
+    for k in ("cpu", "torch_threads", "torch", "dtype", "device", "attention", "ponder"):
+        assert env.get(k) not in (None, ""), k
+    folder, _ = tiny_folder("llama")
+    a = model_fingerprint(folder)
+    b = model_fingerprint(tiny_folder("llama", layers=6)[0])
+    assert a["model_sha256"] != b["model_sha256"] and a == model_fingerprint(folder)
+
+
+# ---- random: a pure function of (position, layer, seed) ---------------------------------------------------------
+
+def test_random_hash_is_uniform_and_deterministic():
+    pos = torch.arange(20000)
+    u = uniform_hash(pos, 3, 0)
+    assert torch.equal(u, uniform_hash(pos, 3, 0)) and not torch.equal(u, uniform_hash(pos, 4, 0))
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert abs(float((u < 0.3).double().mean()) - 0.3) < 0.01
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.6])
+def test_random_reaches_its_budget_and_keeps_first_and_last_layer(tiny_folder, budget):
+    eng = api.load(tiny_folder("llama", layers=8)[0])
+    pol = registry.get("random", budget)
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randint(3, 97, (120,), generator=gen).tolist() for _ in range(2)]
+    pol.calibrate(eng, calib)
+    st = Stats(eng.cfg)
+    ids = torch.randint(3, 97, (4, 120), generator=gen)
+    eng.forward(ids, None, pol.planner(eng), st)
+    assert abs(st.flops_fraction - budget) < 0.04
+    used = st.layers_used()[0]
+    assert int(used.max()) <= 8 and int(used.min()) >= 2  # first and last layer always run
+    m = st.unit_maps[0]
+    assert bool((m[..., 0] == m[..., 0].max()).all()) and bool((m[..., -1] == m[..., -1].max()).all())
+
+
+def test_random_is_kv_and_batch_compatible(tiny_folder):
+    eng = api.load(tiny_folder("llama", layers=6)[0])
+    pol = RandomSkip(budget=0.6)
+    pol.calibrate(eng, [])
+    ids = torch.randint(3, 97, (2, 18), generator=torch.Generator().manual_seed(3))
+    full = eng.forward(ids, None, pol.planner(eng)).logits
+    cache = eng.new_cache(2, 18)
+    planner = pol.planner(eng)
+    eng.forward(ids[:, :7], cache, planner)
+    steps = [eng.forward(ids[:, t:t + 1], cache, planner, phase="decode").logits[:, 0] for t in range(7, 18)]
+    assert (torch.stack(steps, 1) - full[:, 7:]).abs().max() < TOL
+    alone = eng.forward(ids[1:], None, pol.planner(eng)).logits
+    assert (alone - full[1:]).abs().max() < TOL
+    assert RandomSkip.kv_compatible and RandomSkip.batch_compatible and RandomSkip.real
+
+
+def test_random_budget_one_is_dense(tiny_folder):
+    eng = api.load(tiny_folder("llama")[0])
+    assert RandomSkip(budget=1.0).planner(eng) is None
+
+
+# ---- layer-drop ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget,n", [(1.0, 0), (0.9, 1), (0.75, 2), (0.5, 4), (0.05, 7)])
+def test_layer_drop_count_respects_budget(budget, n):
+    assert LayerDrop(budget=budget).n_drop(8) == n
+
+
+def test_layer_drop_drops_least_important_layers_and_stays_cache_exact(tiny_folder):
+    eng = api.load(tiny_folder("llama", layers=6)[0])
+    gen = torch.Generator().manual_seed(4)
+    calib = [torch.randint(3, 97, (64,), generator=gen).tolist() for _ in range(3)]
+    pol = registry.get("layer-drop", 0.5)
+    pol.calibrate(eng, calib)
+    assert len(pol.dropped) == 3 and pol.dropped == sorted(set(pol.dropped))
+    from ponder.policies.layer_drop import layer_importance
+
+    scores = layer_importance(eng, calib)
+    kept = [i for i in range(6) if i not in pol.dropped]
+    assert max(scores[i] for i in pol.dropped) <= min(scores[i] for i in kept)
+    st = Stats(eng.cfg)
+    ids = torch.randint(3, 97, (1, 20), generator=gen)
+    full = eng.forward(ids, None, pol.planner(eng), st).logits
+    assert st.flops_fraction <= 0.5 + 1e-9 and st.weight_bytes_fraction == pytest.approx(0.5)
+    cache = eng.new_cache(1, 20)
+    planner = pol.planner(eng)
+    eng.forward(ids[:, :5], cache, planner)
+    steps = [eng.forward(ids[:, t:t + 1], cache, planner, phase="decode").logits[:, 0] for t in range(5, 20)]
+    assert (torch.stack(steps, 1) - full[:, 5:]).abs().max() < TOL
+
+
+# ---- quality metrics -------------------------------------------------------------------------------------------
+
+def test_quality_metrics_against_dense_itself(tiny_folder):
+    eng = api.load(tiny_folder("llama")[0])
+    ids = torch.randint(3, 97, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = quality.LogitReference.build(eng, quality.cut_windows(ids, 64, 200))
+    same = quality.logit_agreement(eng, registry.get("dense"), ref)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert same["kl_tokens"] == 200
+    drop = quality.logit_agreement(eng, LayerDrop(budget=0.5, dropped=[1, 2]), ref)
+    assert drop["kl"] > 1e-4 and all(f == pytest.approx(0.5) for f in drop["window_flops_fractions"])
+    prompts = quality.cut_prompts(ids, 3, 10)
+    g = quality.greedy(eng, None, prompts, 6)
+    assert quality.exact_match(g.tokens, g.tokens) == {"greedy_exact_match": 1.0, "first_divergence": 6.0,
+                                                       "greedy_new_tokens": 6}
+    other = [t[:2] + [(t[2] + 1) % 97] + t[3:] for t in g.tokens]
+    assert quality.exact_match(g.tokens, other)["first_divergence"] == 2.0
+    assert len(g.layers[0]) == 10 + 6 - 1 and set(g.layers[0]) == {4}
+
+
+def test_probe_rule_exact_prefix(text_folder):
+    eng = api.load(text_folder())
+    prompt = "def f(x): return x"
+    ids = eng.tokenizer.encode(prompt)
+    out = generate(eng, [ids], SamplingConfig(max_new_tokens=16)).tokens[0]
+    text = eng.tokenizer.decode(out)
+    assert len(text) >= 5
+    good = {"prompt": prompt, "answer": text[:5], "kind": "line"}
+    bad = {"prompt": prompt, "answer": text[:5] + "\u00e9", "kind": "identifier"}
+    r = quality.probe_accuracy(eng, None, [good, bad])
+    assert r["probe_correct"] == [True, False] and r["probe_by_kind"] == {"identifier": 0.0, "line": 1.0}
+
+
+# ---- results files ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.2", "abc", "", "nan"])
+def test_budget_list_rejects_values_outside_unit_interval(bad):
+    with pytest.raises(PonderError):
+        sweep.parse_budgets(f"1,{bad}" if bad else "")
+
+
+def test_results_file_appends_resumes_and_refuses_other_models(tmp_path):
+    rf = sweep.ResultsFile(tmp_path, {"model_sha256": "aaa"})
+    row = {"task": "lm", "policy": "random", "budget": 0.5, "settings": "s1", "model_sha256": "aaa", "x": float("nan")}
+    rf.append(row)
+    with open(rf.path, "ab") as f:  # a crash in the middle of writing the next line
+        f.write(b'{"task": "lm", "policy": "layer-dr')
+    again = sweep.ResultsFile(tmp_path, {"model_sha256": "aaa"})
+    assert again.has(sweep.point_key(row)) and again.rows[0]["x"] is None
+    again.append({**row, "budget": 0.75})
+    lines = rf.path.read_text().splitlines()
+    assert len(lines) == 3 and lines[1].startswith('{"task": "lm", "policy": "layer-dr')  # kept, never rewritten
+    assert [r["budget"] for r in sweep.read_rows(tmp_path, warn=False)] == [0.5, 0.75]
+    with pytest.raises(PonderError, match="another model"):
+        sweep.ResultsFile(tmp_path, {"model_sha256": "bbb"})
+
+
+# ---- the bench end to end on a tiny model ------------------------------------------------------------------------
+
+TINY = ["--tokens", "200", "--kl-tokens", "100", "--prompts", "2", "--new-tokens", "4", "--probes", "2",
+        "--repeats", "1", "--warmup", "0", "--batch", "2", "--prose", "none", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(text_folder, tmp_path_factory):
+    folder = text_folder(6)
+    d = tmp_path_factory.mktemp("bench")
+    data = d / "code.txt"
+    data.write_text(CODE * 20)
+    out = d / "out"
+    args = ["bench", "--model", str(folder), "--policies", "dense,random,layer-drop", "--budgets", "0.5",
+            "--data", str(data), "--out", str(out), "--json", *TINY]
+    return folder, data, out, args
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_bench_writes_every_point_with_its_fields(tiny_bench, capsys):
+    folder, data, out, args = tiny_bench
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = _rows(out)
+    by = {r["policy"]: r for r in rows}
+    assert set(by) == {"dense", "dense-control", "transformers-generate", "random", "layer-drop"}
+    assert summary["written"] == 5 and not summary["failed"]
+    for name in ("random", "layer-drop"):
+        r = by[name]
+        for k in ("policy", "budget", "perplexity", "perplexity_delta", "top1_agreement", "kl", "flops_fraction",
+                  "decode_speedup", "prefill_speedup", "realization", "real", "kv_compatible", "batch_compatible",
+                  "training_free", "model_sha256", "env", "timings", "greedy_exact_match", "first_divergence",
+                  "probe_exact_match", "weight_bytes_fraction", "flops_fraction_std", "decode_speedup_b2",
+                  "peak_memory_bytes", "kv_cache_bytes", "sample"):
+            assert k in r, (name, k)
+        assert r["budget"] == 0.5 and r["flops_fraction"] < 0.75
+        assert r["timings"]["decode_b1"]["dense"]["min"] <= r["timings"]["decode_b1"]["dense"]["max"]
+    d = by["dense"]
+    assert d["kl"] == pytest.approx(0, abs=1e-6) and d["top1_agreement"] == 1.0 and d["greedy_exact_match"] == 1.0
+    assert by["layer-drop"]["kv_written_fraction"] == pytest.approx(0.5)
+    assert "control_ok" in by["dense-control"] and by["dense-control"]["decode_speedup"] > 0
+    assert by["transformers-generate"]["greedy_exact_match"] == 1.0
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+
+
+def test_bench_rerun_skips_finished_points_and_never_rewrites(tiny_bench, capsys):
+    folder, data, out, args = tiny_bench
+    if not (out / "results.jsonl").exists():
+        assert cli_main(args) == 0
+    before = (out / "results.jsonl").read_bytes()
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == 0 and (out / "results.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("change,msg", [
+    (["--policies", "dense,nope"], "unknown policy 'nope'"),
+    (["--budgets", "1,1.5"], "outside (0, 1]"),
+    (["--budgets", "0"], "outside (0, 1]"),
+    ("empty", "is empty"),
+    ("other-model", "another model"),
+])
+def test_bench_bad_input_is_one_clear_line(tiny_bench, text_folder, tmp_path, capsys, change, msg):
+    folder, data, out, args = tiny_bench
+    a = list(args)
+    if change == "empty":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("  \n")
+        a[a.index("--data") + 1] = str(empty)
+    elif change == "other-model":
+        if not (out / "results.jsonl").exists():
+            assert cli_main(args) == 0
+        a[a.index("--model") + 1] = str(text_folder(6, seed=1))
+    else:
+        a += change
+    before = (out / "results.jsonl").read_bytes() if (out / "results.jsonl").exists() else None
+    capsys.readouterr()
+    assert cli_main(a) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ponder: error:") and msg in err[0]
+    if before is not None:
+        assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_report_command_needs_results(tmp_path, capsys):
+    assert cli_main(["report", str(tmp_path)]) == 2
+    assert "results.jsonl" in capsys.readouterr().err
+
+
+def test_quick_profile_covers_every_registered_policy():
+    from ponder.eval.bench import QUICK_BUDGETS, BenchSettings, plan_points
+
+    pts = plan_points(registry.names(), list(QUICK_BUDGETS))
+    assert {p.policy for p in pts} == set(registry.names()) - {"dense"}
+    q = BenchSettings.quick()
+    assert q.profile == "quick" and q.ppl_tokens <= 4096 and q.prompts <= 8
+
+
+_ = os
