@@ -71,12 +71,12 @@ def build_card(model: Path, run: Path, corpus: Path, data: Path, out: Path) -> d
                          "perplexity": round(r["perplexity"], 3), "tokens": r["tokens_scored"], "bytes": r["bytes"],
                          "eval_s": round(time.perf_counter() - t0, 1)}
     card["heldout"] = heldout
-    try:
-        from ..eval.quality import probe_exact_match
+    from ..eval.quality import load_probes, probe_accuracy
 
-        card["probes"] = probe_exact_match(eng, data / "probes.jsonl")
-    except ImportError:
-        card["probes"] = None
+    pr = probe_accuracy(eng, None, load_probes(data / "probes.jsonl"))
+    card["probes"] = {"exact_match": pr["probe_exact_match"], "n": pr["probes"],
+                      "correct": sum(pr["probe_correct"]), "by_kind": pr["probe_by_kind"],
+                      "truncated_prompts": pr["probes_truncated"]}
     code_ids = text_ids(eng, read_text(data / "code.txt"))[: 256 * 48]
     card["logit_lens"] = logit_lens(eng, code_ids)
     samples = []
@@ -126,8 +126,10 @@ def render(c: dict) -> str:
                      f"{v['perplexity']:.2f} | {v['tokens']:,} |")
     p = c.get("probes")
     if p:
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in p["by_kind"].items())
         lines += ["", f"Knowledge probes (`data/eval/probes.jsonl`, greedy exact match): **{p['exact_match']:.3f}** "
-                      f"({p['correct']}/{p['n']})."]
+                      f"({p['correct']}/{p['n']}; by kind: {kinds}; {p['truncated_prompts']} prompts cut to the "
+                      "context)."]
     lines += ["", "## Logit lens", "",
               "Per layer: the share of held-out code tokens whose top-1 prediction through the final norm and head "
               "already equals the final layer's top-1, and the loss if the model stopped there "
