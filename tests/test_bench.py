@@ -64,10 +64,10 @@ def test_interleaved_rounds_rotate_and_discard_warmup():
 
 
 def test_interleaved_uses_self_measured_seconds_and_min_time():
-    t = timing.interleaved({"x": lambda: 0.25, "y": lambda: 0.5}, warmup=0, repeats=2, min_seconds=3.0,
+    t = timing.interleaved({"x": lambda: 0.25, "y": lambda: 0.5}, warmup=0, repeats=2, min_seconds=1.0,
                            max_repeats=10)
     assert t["x"]["median"] == 0.25 and t["y"]["median"] == 0.5
-    assert len(t["x"]["samples"]) == 4  # rounds added until 3 s of (reported) time were collected
+    assert len(t["x"]["samples"]) == 4  # rounds added until each side has 1 s of (reported) time
     assert timing.paired_ratio(t["y"], t["x"])["median"] == 2.0
 
 
@@ -279,6 +279,7 @@ def test_bench_rerun_skips_finished_points_and_never_rewrites(tiny_bench, capsys
     (["--policies", "dense,nope"], "unknown policy 'nope'"),
     (["--budgets", "1,1.5"], "outside (0, 1]"),
     (["--budgets", "0"], "outside (0, 1]"),
+    (["--task", "nope"], "unknown --task"),
     ("empty", "is empty"),
     ("other-model", "another model"),
 ])

@@ -2,7 +2,8 @@
 
 ``--task`` selects what is benchmarked. ``lm`` (the default) is implemented here; other tasks are looked up in
 ``TASKS`` as ``"module:function"`` and called with the parsed arguments (returning an exit status), so the encoder
-bench can live in its own package and reuse ``timing``, ``envinfo``, ``sweep`` and ``report``.
+bench can live in its own package and reuse ``timing``, ``envinfo``, ``sweep`` and ``report``. ``--model`` defaults
+to None so each task picks its own default model; ``--policies`` / ``--budgets`` are None when not given.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def run_lm(args: argparse.Namespace) -> int:
 
         read_text(args.data)
     settings = profile_settings(args.quick, **overrides)
-    summary = run_lm_bench(args.model, policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
+    summary = run_lm_bench(args.model or "ref", policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
                            show_progress=not args.no_progress and not args.json, write_report=not args.no_report)
     if args.json:
         print(json.dumps(summary))
@@ -136,7 +137,8 @@ def add_subcommand(sub: Any) -> None:
                                    "dense model, in one process on the same weights. Appends one JSON line per "
                                    "point to OUT/results.jsonl (a rerun skips finished points) and writes "
                                    "OUT/report.html and OUT/report.md.")
-    b.add_argument("--model", default="ref", help="local Hugging Face checkpoint folder, or 'ref' (shipped model)")
+    b.add_argument("--model", default=None,
+                   help="local Hugging Face checkpoint folder, or 'ref' (default for --task lm: the shipped model)")
     b.add_argument("--task", default="lm", help="what to benchmark: lm (default) or embed (encoder models)")
     b.add_argument("--policies", default=None, help="comma-separated policy names (default: every registered one)")
     b.add_argument("--budgets", default=None,

@@ -47,8 +47,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int
     """Time several callables round-robin: returns {name: {median, min, max, samples}} in seconds.
 
     Each round runs every function once, starting from a different one each round. ``warmup`` rounds are
-    discarded. After ``repeats`` rounds, more are added (up to ``max_repeats``) until ``min_seconds`` of timed
-    work has been collected, so very fast functions still get a stable median.
+    discarded. After ``repeats`` rounds, more are added (up to ``max_repeats``) until every function has
+    ``min_seconds`` of timed work, so very fast functions still get a stable median.
     """
     if not fns:
         raise ValueError("nothing to time")
@@ -58,7 +58,6 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int
     samples: dict[str, list[float]] = {n: [] for n in names}
     cap = max(repeats, max_repeats or repeats)
     r = 0
-    spent = 0.0
     while True:
         k = r % len(names)
         order = names[k:] + names[:k]
@@ -66,10 +65,9 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int
             dt, _ = time_call(fns[n], device)
             if r >= warmup:
                 samples[n].append(dt)
-                spent += dt
         r += 1
         done = r - warmup
-        if done >= repeats and (spent >= min_seconds or done >= cap):
+        if done >= repeats and (min(sum(v) for v in samples.values()) >= min_seconds or done >= cap):
             break
     return {n: summarize(s) for n, s in samples.items()}
 

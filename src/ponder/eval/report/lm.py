@@ -363,6 +363,21 @@ def pick_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+SETTING_NAMES = {"data": "evaluation text", "prose": "prose text", "ppl_tokens": "perplexity tokens",
+                 "prose_tokens": "prose tokens", "kl_tokens": "KL / top-1 tokens", "prompts": "greedy prompts",
+                 "prompt_tokens": "prompt tokens", "new_tokens": "new tokens per prompt", "probes": "probes",
+                 "prefill_tokens": "prefill tokens", "decode_batch": "second decode batch", "warmup": "warm-up rounds",
+                 "repeats": "timed rounds (at least)", "min_timed_s": "seconds timed per side (at least)"}
+
+
+def _settings_html(st: dict[str, Any]) -> str:
+    if not st:
+        return ""
+    items = "".join(f"<dt>{escape(SETTING_NAMES.get(k, k))}</dt><dd>{escape(str(v))}</dd>" for k, v in st.items()
+                    if v is not None and k != "probes_file")
+    return f'<h3>Settings</h3><dl class="env">{items}</dl>'
+
+
 # ---- the whole report --------------------------------------------------------------------------------------------
 
 def build(all_rows: list[dict[str, Any]]) -> tuple[str, str]:
@@ -453,7 +468,7 @@ def build(all_rows: list[dict[str, Any]]) -> tuple[str, str]:
         "warm-up, medians with min/max; CUDA synchronised where used. The A/A control times dense against itself "
         "the same way.</li>"
         "<li>Results file: one JSON line per point (<code>results.jsonl</code>), each with its environment.</li>"
-        "</ul>")))
+        "</ul>" + _settings_html(s0.get("bench_settings") or {}))))
     html = html_page(title, sub, sections, "".join(verdicts))
 
     md = [f"# {title}", "", sub, "", f"**A/A control.** {cv}", ""]
