@@ -1,0 +1,105 @@
+"""The encoder policy interface: one budget knob, the usual flags, and a per-call reducer for the encoder engine.
+
+``budget`` is the fraction of dense encoder FLOPs (projections, attention core and FFN over the real tokens, the
+policy's own deciding work included), as :class:`~ponder.encoders.engine.EncoderStats` counts it. Each policy maps
+the budget to its own knob (a keep ratio, a merge ratio, an exit threshold, a layer count) by measuring on the
+calibration split, so a budget means the same amount of work for every policy. Budget 1.0 is the dense model.
+
+Flag meanings for encoders: ``kv_compatible`` has nothing to be compatible with (an encoder keeps no KV cache)
+and is True by convention; ``batch_compatible`` means a text embedded in a padded batch equals it embedded alone
+(every decision here is per text: keep counts come from the text's own length, thresholds are per token).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from ..base import Policy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...encoders.engine import EncoderEngine, Reducer
+
+
+@dataclass
+class EncoderPolicy(Policy):
+    name: ClassVar[str] = "encoder-base"
+    kv_compatible: ClassVar[bool] = True  # N/A (no KV cache in an encoder); see the module docstring
+    knob_name: ClassVar[str] = ""
+
+    def calibrate(self, engine: "EncoderEngine", seqs: list[list[int]]) -> None:  # type: ignore[override]
+        """Fit the knob to the budget on calibration token sequences (never the evaluation texts)."""
+
+    def reducer(self, engine: "EncoderEngine") -> "Reducer | None":
+        """A fresh reducer for one batch; None runs the dense path."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        cal = getattr(self, "calibration", None)
+        if cal:
+            d["calibration"] = cal
+        return d
+
+    def linear_maps(self, engine: "EncoderEngine") -> dict:
+        """The engine's affine maps from layer-l states to last-layer states, fitted on the calibration split."""
+        from ...encoders.api import calibration_seqs
+
+        cached = getattr(self, "_maps", None)
+        if cached is None or cached[0] is not engine:
+            self._maps = (engine, engine.extrapolators(calibration_seqs(engine)))
+        return self._maps[1]
+
+    # ---- shared by the knob-fitting policies --------------------------------------------------------------------
+    def measure(self, engine: "EncoderEngine", seqs: list[list[int]]) -> float:
+        """FLOPs fraction this policy, as currently set, spends on ``seqs`` (batched as the bench batches)."""
+        from ...encoders.api import encode_ids
+        from ...encoders.engine import EncoderStats
+
+        st = EncoderStats(engine.cfg)
+        encode_ids(engine, seqs, self, 32, st)
+        return st.flops_fraction
+
+    def fit(self, engine: "EncoderEngine", seqs: list[list[int]], set_knob: Callable[[float], None],
+            lo: float, hi: float, cheaper_when_low: bool, iters: int = 9) -> None:
+        """Bisection for the knob value that spends at most ``budget`` (as close to it as the knob allows).
+        ``cheaper_when_low``: a lower knob value means less work (keep ratios, thresholds)."""
+        if not seqs:
+            from ...errors import PonderError
+
+            raise PonderError("the encoder calibration split (data/retrieval/calib.jsonl) is missing; reinstall "
+                              "ponder from its repository")
+        target = self.budget
+        cheap, rich = (lo, hi) if cheaper_when_low else (hi, lo)
+        set_knob(cheap)
+        f_cheap = self.measure(engine, seqs)
+        best, best_f = cheap, f_cheap
+        if f_cheap <= target:
+            for _ in range(iters):
+                mid = (cheap + rich) / 2
+                set_knob(mid)
+                f = self.measure(engine, seqs)
+                if f <= target:
+                    cheap, best, best_f = mid, mid, f
+                else:
+                    rich = mid
+        set_knob(best)
+        self.calibration = {self.knob_name: round(best, 6), "calib_flops_fraction": round(best_f, 4),
+                            "reached": bool(best_f <= target + 1e-9)}
+
+
+def geometric_keep(ratio: float, j: int) -> float:
+    """Cumulative keep fraction after the j-th (0-based) reduction point of a geometric schedule."""
+    return ratio ** (j + 1)
+
+
+def ceil_count(frac: float, n: int) -> int:
+    return int(math.ceil(frac * n - 1e-9))
+
+
+def layer_tuple(v: Any) -> tuple[int, ...] | None:
+    """A layer list given as an int, a list or a tuple (CLI parameters), sorted."""
+    if v is None:
+        return None
+    return tuple(sorted(int(i) for i in (v if isinstance(v, (list, tuple)) else [v])))

@@ -1,0 +1,42 @@
+"""Encoder policies by CLI name (``ponder embed --policy``, ``ponder bench --task embed``)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ...errors import PonderError
+from .base import EncoderPolicy
+
+_REGISTRY: dict[str, type[EncoderPolicy]] = {}
+_MODULES = ("dense", "token_prune", "token_merge", "token_exit", "layer_skip")
+
+
+def register(cls: type[EncoderPolicy]) -> type[EncoderPolicy]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    for m in _MODULES:
+        importlib.import_module(f"{__package__}.{m}")
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def policy_class(name: str) -> type[EncoderPolicy]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise PonderError(f"unknown encoder policy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get(name: str, budget: float = 1.0, **kw: Any) -> EncoderPolicy:
+    cls = policy_class(name)
+    try:
+        return cls(budget=budget, **kw)
+    except TypeError as e:
+        raise PonderError(f"bad parameter for policy {name!r}: {e}") from None

@@ -1,0 +1,111 @@
+"""Token pruning (PoWER-BERT-style): after the attention of chosen layers, drop the tokens that matter least.
+
+Importance is the attention a token receives (averaged over heads and live queries: ``score="attn"``), the
+attention [CLS] pays it (``"cls"``), or, learning- and attention-free, the norm of its hidden state (``"norm"``).
+The keep schedule is geometric: after the j-th pruning layer a text keeps ``keep_ratio ** (j + 1)`` of its
+original tokens (at least its [CLS] and [SEP], which are never pruned); ``keep_ratio`` is fitted to the budget.
+
+Pooling after pruning: with ``pool="frozen"`` (default) a pruned token keeps its state from the layer it left, and
+mean pooling still averages over every original position; with ``pool="drop"`` the mean runs over the tokens that
+reached the last layer only. Frozen is free and was measured closer to dense (see the bench report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...encoders.engine import ReducerBase
+from ...encoders.reduce import keep_top
+from ...errors import PonderError
+from .base import EncoderPolicy, layer_tuple, geometric_keep
+from .registry import register
+
+SCORES = ("attn", "cls", "norm")
+POOLS = ("linear", "frozen", "drop")
+
+
+@register
+@dataclass
+class TokenPrune(EncoderPolicy):
+    """Prune the least-attended tokens (or smallest-norm: score=norm) after chosen layers; [CLS]/[SEP] kept."""
+
+    name: ClassVar[str] = "token-prune"
+    knob_name: ClassVar[str] = "keep_ratio"
+    score: str = "attn"
+    layers: tuple[int, ...] | None = None  # pruning layers; None: all that can save work
+    pool: str = "linear"
+    at: str = "attn"  # prune after the layer's attention (before its FFN, as PoWER-BERT) or after the layer
+    keep_ratio: float | None = None  # per pruning layer; None: fitted to the budget
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.score not in SCORES:
+            raise PonderError(f"token-prune score must be one of {', '.join(SCORES)}, not {self.score!r}")
+        if self.pool not in POOLS:
+            raise PonderError(f"token-prune pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
+        if self.at not in ("attn", "layer"):
+            raise PonderError(f"token-prune at must be 'attn' or 'layer', not {self.at!r}")
+        self.layers = layer_tuple(self.layers)
+
+    def points(self, L: int) -> tuple[int, ...]:
+        pts = self.layers if self.layers is not None else tuple(range(L - 1 if self.at == "layer" else L))
+        if any(not 0 <= i < L for i in pts):
+            raise PonderError(f"token-prune layers {pts} outside 0..{L - 1}")
+        return pts
+
+    def calibrate(self, engine, seqs) -> None:  # type: ignore[override]
+        if self.budget >= 1.0 or self.keep_ratio is not None:
+            return
+
+        def set_knob(v: float) -> None:
+            self.keep_ratio = v
+
+        self.fit(engine, seqs, set_knob, 0.02, 1.0, cheaper_when_low=True)
+
+    def reducer(self, engine):
+        if self.budget >= 1.0 and self.keep_ratio is None:
+            return None
+        if self.keep_ratio is None:
+            raise PonderError("token-prune is not calibrated; call calibrate() (ponder.embed does it)")
+        return _Prune(self, self.points(engine.cfg.num_hidden_layers),
+                      self.linear_maps(engine) if self.pool == "linear" else None)
+
+
+class _Prune(ReducerBase):
+    def __init__(self, pol: TokenPrune, points: tuple[int, ...], maps: dict | None):
+        self.pol, self.points, self.maps = pol, points, maps
+
+    def wants_probs(self, i: int) -> bool:
+        return self.pol.score != "norm" and i in self.points
+
+    def mid(self, i, st, keys, probs, stats) -> None:
+        if i not in self.points:
+            return
+        if probs is not None:
+            live = st.live
+            if self.pol.score == "attn":
+                st.scratch["score"] = (probs * live[:, None, :, None]).sum(2).mean(1)[:, :live.shape[1]]
+            else:
+                st.scratch["score"] = probs[:, :, 0, :live.shape[1]].mean(1)
+        if self.pol.at == "attn":
+            self._prune(i, st)
+
+    def after(self, i, st, x_in, stats) -> None:
+        if i in self.points and self.pol.at == "layer":
+            self._prune(i, st)
+
+    def _prune(self, i, st) -> None:
+        j = self.points.index(i)
+        frac = geometric_keep(self.pol.keep_ratio, j)
+        live = st.live
+        special = st.special & live
+        n_keep = torch.ceil(st.scratch["lengths"] * frac - 1e-9).long()
+        n_keep = (n_keep - special.sum(1)).clamp_min(0)
+        score = st.x.norm(dim=-1) if self.pol.score == "norm" else st.scratch.pop("score")
+        keep = keep_top(score, live & ~special, n_keep) | special
+        if bool((keep == live).all()):
+            return
+        st.keep_rows(keep, freeze=self.pol.pool != "drop")
