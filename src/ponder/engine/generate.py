@@ -51,6 +51,11 @@ def pick(logits: torch.Tensor, sc: SamplingConfig, gen: torch.Generator | None) 
     """Next token per row from (B, V) logits."""
     if sc.temperature == 0:
         return logits.argmax(-1)
+    return torch.multinomial(distribution(logits, sc), 1, generator=gen).squeeze(1)
+
+
+def distribution(logits: torch.Tensor, sc: SamplingConfig) -> torch.Tensor:
+    """The (B, V) probabilities ``pick`` samples from (temperature > 0): speculative sampling compares two of them."""
     logits = logits.float() / sc.temperature
     if sc.top_k:
         kth = torch.topk(logits, min(sc.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -61,7 +66,7 @@ def pick(logits: torch.Tensor, sc: SamplingConfig, gen: torch.Generator | None) 
         drop = probs.cumsum(-1) - probs > sc.top_p  # keep the smallest prefix reaching top_p
         srt = srt.masked_fill(drop, -math.inf)
         logits = torch.full_like(logits, -math.inf).scatter(-1, idx, srt)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+    return logits.softmax(-1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

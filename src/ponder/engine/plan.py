@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-KVMode = Literal["compute", "none"]
+KVMode = Literal["compute", "none", "copy"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class LayerPlan:
     kv says what a row that does *not* run attention leaves in this layer's KV cache:
     ``"compute"``: K/V projected from its incoming hidden state (later tokens see a complete cache);
     ``"none"``: nothing; the slot is masked for every later query (cheapest, but later tokens lose context).
+    ``"copy"``: the slot copies the previous layer's K/V for that token, no projection (early exit's "KV copying";
+    layer 0 has no previous layer and leaves a hole as with ``"none"``).
     """
 
     attn: torch.Tensor | None = None
@@ -58,5 +60,5 @@ Plan = list[LayerPlan] | None  # None: dense for every layer
 
 
 def validate_kv(kv: str) -> None:
-    if kv not in ("compute", "none"):
-        raise ValueError(f"kv mode must be 'compute' or 'none', not {kv!r}")
+    if kv not in ("compute", "none", "copy"):
+        raise ValueError(f"kv mode must be 'compute', 'none' or 'copy', not {kv!r}")

@@ -1,0 +1,178 @@
+"""Self-speculative decoding: draft with the first ``E`` layers and the shared head, verify with the rest in one pass.
+
+After LayerSkip (Elhoushi et al., 2024) and DEL. One round, for the last emitted token ``x``:
+
+1. Draft. ``x`` and then each new draft token run layers ``[0, E)`` one at a time (``Engine.forward(last_layer=E)``);
+   the final norm and LM head on the exit state propose the next draft token. ``k`` drafts take ``k + 1`` such
+   steps (the last only to get the last draft's exit state; no head). Every step writes layers ``[0, E)`` of the
+   KV cache, exactly as the dense model would, because the inputs are the same tokens.
+2. Verify. The ``k + 1`` saved exit states resume at layer ``E`` in a single pass over layers ``[E, L)``
+   (``Engine.forward(first_layer=E, hidden=...)``): the draft layers' K/V are reused, never recomputed, and the
+   pass yields the full model's logits after ``x`` and after each draft.
+3. Accept. Greedy: drafts are kept while they equal the full model's argmax; the first disagreement is replaced by
+   the full model's token, and if all ``k`` agree the full model's next token is a free bonus. Sampling: standard
+   speculative rejection sampling (accept ``d`` with probability ``min(1, p(d) / q(d))``, else resample from
+   ``max(0, p - q)``), which keeps the dense distribution. Rejected columns are dropped with ``KVCache.truncate``;
+   the kept ones hold exactly the dense model's K/V, so the greedy output is the dense output.
+
+Batches advance together: every row keeps the smallest accepted count of the batch (rows that accepted more drop
+their extra drafts, which stay valid samples, and draft them again). The draft length adapts online: one longer
+after a fully accepted round, one shorter after a rejection.
+
+Accounting. The engine counts every layer and head call that ran (drafts that were thrown away included) into a
+private Stats; the caller's Stats then gets that work, while its dense side counts, per token the dense model would
+have fed, one dense decode step. Head calls beyond the dense model's one per token are policy overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .forward import Engine
+from .generate import GenerationResult, SamplingConfig, check_prompts, distribution, left_pad, pick
+from .stats import Stats
+
+
+@dataclass
+class SpecConfig:
+    exit_layer: int  # E: drafts use layers [0, E)
+    draft_len: int = 4  # initial number of drafts per round
+    max_draft: int = 12
+    adaptive: bool = True
+
+
+def sampled_round(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, live: torch.Tensor,
+                  gen: torch.Generator | None) -> tuple[int, torch.Tensor]:
+    """Speculative rejection sampling for one round of a batch.
+
+    p: (B, k+1, V) target probabilities after ``x`` and after each draft; q: (B, k, V) draft probabilities;
+    drafts: (B, k). Returns (a, nxt): the batch keeps ``a`` drafts (the smallest accepted count over live rows),
+    and ``nxt`` (B,) is each row's token at position ``a``: its accepted draft there, a resample from
+    ``max(0, p - q)`` where it rejected, or a bonus sample from ``p`` when all ``k`` were accepted. Each is a draw
+    from the target distribution, so the output law is the dense model's."""
+    B, k = drafts.shape
+    if k:
+        pd = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+        qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+        u = torch.rand(B, k, generator=gen).to(p.device)
+        per_row = (u * qd < pd).long().cumprod(1).sum(1)  # u < p/q without dividing by a zero q
+    else:
+        per_row = torch.zeros(B, dtype=torch.long, device=p.device)
+    a = int(per_row[live].min()) if bool(live.any()) else 0
+    if a == k:
+        return a, torch.multinomial(p[:, a], 1, generator=gen).squeeze(1)
+    resid = (p[:, a] - q[:, a]).clamp_min(0)
+    norm = resid.sum(-1, keepdim=True)
+    resid = torch.where(norm > 0, resid / norm.clamp_min(1e-30), p[:, a])
+    fresh = torch.multinomial(resid, 1, generator=gen).squeeze(1)
+    return a, torch.where(per_row > a, drafts[:, a], fresh)
+
+
+def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig, spec: SpecConfig,
+                         stats: Stats | None = None, on_token=None) -> GenerationResult:
+    sc.validate()
+    check_prompts(engine, prompts, sc.max_new_tokens)
+    L = engine.cfg.num_hidden_layers
+    E = spec.exit_layer
+    if not 1 <= E < L:
+        raise ValueError(f"exit layer must be in [1, {L}), got {E}")
+    B, N = len(prompts), sc.max_new_tokens
+    ids, pad = left_pad(prompts, 0, engine.device)
+    cache = engine.new_cache(B, ids.shape[1] + N + spec.max_draft + 1)
+    gen = torch.Generator(device="cpu").manual_seed(sc.seed) if sc.seed is not None else None
+    greedy = sc.temperature == 0
+    stop = set(sc.stop_tokens)
+    out: list[list[int]] = [[] for _ in range(B)]
+    finish = ["length"] * B
+    done = [False] * B
+    work = Stats(engine.cfg, weight_bytes_per_param=engine.embed.element_size(), record_tokens=False)
+
+    def emit(col: list[int]) -> None:
+        for b in range(B):
+            if not done[b]:
+                out[b].append(col[b])
+                if on_token is not None:
+                    on_token(b, col[b])
+                if col[b] in stop:
+                    finish[b], done[b] = "stop", True
+
+    emitted = 0
+    drafted = accepted = rounds = 0
+    fed: list[int] = []  # cache columns the dense model would have fed in decode (for the dense-side count)
+    k = max(1, min(spec.draft_len, spec.max_draft))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if B > 1:
+            cache.set_padding(pad)
+        logits = engine.forward(ids, cache, None, stats, logits="last", phase="prefill").logits
+        t1 = time.perf_counter()
+        x = pick(logits, sc, gen)
+        emit(x.tolist())
+        emitted = 1
+        while emitted < N and not all(done):
+            kk = min(k, N - emitted - 1)
+            start = cache.length
+            hs, drafts, qs = [], [], []
+            tok = x
+            for j in range(kk + 1):  # 1. draft
+                o = engine.forward(tok[:, None], cache, None, work, logits="last" if j < kk else None,
+                                   phase="decode", last_layer=E)
+                hs.append(o.hidden)
+                if j < kk:
+                    if greedy:
+                        tok = o.logits.argmax(-1)
+                    else:
+                        qs.append(distribution(o.logits, sc))
+                        tok = torch.multinomial(qs[-1], 1, generator=gen).squeeze(1)
+                    drafts.append(tok)
+            block = torch.stack([x] + drafts, 1)  # (B, kk+1)
+            d = block[:, 1:]
+            work.begin_step(B, kk + 1, start)  # a resumed forward begins no step: size the counters for it
+            v = engine.forward(block, cache, None, work, logits="all", phase="verify", first_layer=E,
+                               hidden=torch.cat(hs, 1)).logits  # 2. verify: (B, kk+1, V)
+            live = torch.tensor([not x_ for x_ in done], device=v.device)
+            if greedy:  # 3. accept
+                tgt = v.argmax(-1)
+                per_row = (tgt[:, :kk] == d).long().cumprod(1).sum(1)
+                a = int(per_row[live].min())
+                nxt = tgt[:, a]
+            else:
+                p = distribution(v.reshape(B * (kk + 1), -1), sc).view(B, kk + 1, -1)
+                q = torch.stack(qs, 1) if qs else p[:, :0]
+                a, nxt = sampled_round(p, q, d, live, gen)
+            cache.truncate(start + a + 1)
+            fed += list(range(start, start + a + 1))
+            for j in range(a):
+                emit(d[:, j].tolist())
+            emit(nxt.tolist())
+            emitted += a + 1
+            drafted += kk
+            accepted += a
+            rounds += 1
+            x = nxt
+            if spec.adaptive:
+                k = min(k + 1, spec.max_draft) if a == kk else max(1, k - 1)
+    t2 = time.perf_counter()
+    if stats is not None:
+        _account(stats, work, fed, B, engine)
+    extra = {"exit_layer": E, "acceptance_rate": accepted / drafted if drafted else None,
+             "mean_accepted": accepted / rounds if rounds else None,
+             "tokens_per_round": (accepted + rounds) / rounds if rounds else None,
+             "rounds": rounds, "drafted": drafted, "final_draft_len": k}
+    return GenerationResult(out, finish, stats, prefill_s=t1 - t0, decode_s=t2 - t1, extra=extra)
+
+
+def _account(stats: Stats, work: Stats, fed: list[int], B: int, engine: Engine) -> None:
+    """Executed work from ``work``; the dense side as if each fed column had been one dense decode step."""
+    for col in fed:
+        stats.begin_step(B, 1, col)
+        stats.end_step()
+    dense_heads = engine.head_flops(B) * len(fed)
+    stats.flops += work.flops
+    stats.weight_bytes += work.weight_bytes
+    stats.head_flops += dense_heads
+    stats.overhead_flops += work.overhead_flops + max(0.0, work.head_flops - dense_heads)
+    stats.head_bytes += work.head_bytes

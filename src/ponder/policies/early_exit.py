@@ -1,0 +1,129 @@
+"""Confidence early exit: a token leaves after layer ``l`` once the shared head is confident enough about it.
+
+At a few check depths (default: every ``L/4`` layers from ``L/4`` on, to bound the cost) the still-running tokens'
+hidden states go through the final norm and the shared LM head; a token whose maximum softmax probability (or
+normalised negative entropy) reaches the threshold stops. Its final logits come from its frozen exit state. The
+head is expensive (for the shipped model one head call costs about 2.7 layers), so every check is counted as policy
+overhead in the FLOPs fraction; that is why checks are sparse.
+
+What an exited token leaves in the KV cache of the layers it skipped (``kv_fill``), since later tokens attend there:
+
+- ``"state"`` (default): its hidden state is frozen at exit and each skipped layer projects K/V from it
+  (``kv="compute"``; CALM's state propagation; costs the K/V projections, about 8% of a layer each);
+- ``"kv-copy"``: each skipped layer copies the K/V the token produced in the last layer it ran, with no projection
+  (``kv="copy"``; the "state copying" FFN-SkipLLM blames for factual collapse: later tokens read K/V computed for
+  another layer's weights);
+- ``"none"``: nothing; the slot is masked for later tokens (``kv="none"``), which lose sight of that token there.
+
+The threshold is fitted by bisection on calibration text so the realized fraction (checks included) meets the budget.
+Decisions use only the token's own state, so batching and caching do not change them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..engine.forward import Engine, StepContext
+from ..engine.plan import LayerPlan
+from ..errors import PonderError
+from .budget import ThresholdPolicy
+from .registry import register
+
+KV_FILL = {"state": "compute", "kv-copy": "copy", "none": "none"}
+
+
+def check_kv_fill(kv_fill: str) -> str:
+    if kv_fill not in KV_FILL:
+        raise PonderError(f"kv_fill must be one of {', '.join(KV_FILL)}, not {kv_fill!r}")
+    return KV_FILL[kv_fill]
+
+
+class ExitPlanner:
+    """Rows still running, per step; a subclass decides at check depths which of them leave before layer ``i``."""
+
+    def __init__(self, engine: Engine, kv_fill: str):
+        self.engine = engine
+        self.kv = check_kv_fill(kv_fill)
+        self.active: torch.Tensor | None = None
+
+    def checks_at(self, i: int) -> bool:
+        raise NotImplementedError
+
+    def leave(self, i: int, h: torch.Tensor, rows: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Boolean (n,) over the running rows ``rows`` (flat indices), given their states ``h`` (n, D)."""
+        raise NotImplementedError
+
+    def begin(self, x: torch.Tensor, ctx: StepContext) -> None:
+        """Called at layer 0 of every step."""
+
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        if i == 0:
+            self.active = torch.ones(ctx.B * ctx.T, dtype=torch.bool, device=x.device)
+            self.begin(x, ctx)
+        if self.checks_at(i):
+            rows = self.active.nonzero().squeeze(1)
+            if rows.numel():
+                out = self.leave(i, x.reshape(-1, x.shape[-1])[rows], rows, ctx)
+                self.active[rows[out]] = False
+        idx = self.active.nonzero().squeeze(1)
+        if idx.numel() == self.active.numel():
+            return None
+        return LayerPlan(attn=idx, ffn=idx, kv=self.kv)
+
+
+def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """In [0, 1]: the maximum softmax probability, or 1 - entropy / log(V)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    if kind == "maxprob":
+        return lp.max(-1).values.exp()
+    ent = -(lp.exp() * lp).sum(-1)
+    return 1.0 - ent / math.log(logits.shape[-1])
+
+
+class EarlyExitPlanner(ExitPlanner):
+    def __init__(self, engine: Engine, kv_fill: str, threshold: float, checks: list[int], measure_kind: str):
+        super().__init__(engine, kv_fill)
+        self.thr = threshold
+        self.checks = set(checks)
+        self.kind = measure_kind
+
+    def checks_at(self, i: int) -> bool:
+        return i in self.checks
+
+    def leave(self, i: int, h: torch.Tensor, rows: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if ctx.stats is not None:
+            ctx.stats.add_overhead(self.engine.head_flops(h.shape[0]))
+        return confidence(self.engine.logits(h), self.kind) >= self.thr
+
+
+@register
+@dataclass
+class EarlyExit(ThresholdPolicy):
+    """Leave after layer l when the shared head's confidence passes a calibrated threshold (checks cost overhead)."""
+
+    name: ClassVar[str] = "early-exit"
+    kv_fill: str = "state"  # "state" | "kv-copy" | "none": what skipped layers' KV slots get
+    first_check: int | None = None  # first depth checked (default L // 4, at least 1)
+    every: int | None = None  # depth between checks (default L // 4, at least 1)
+    measure: str = "maxprob"  # "maxprob" | "entropy"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_kv_fill(self.kv_fill)
+        if self.measure not in ("maxprob", "entropy"):
+            raise PonderError(f"measure must be 'maxprob' or 'entropy', not {self.measure!r}")
+
+    def checks(self, engine: Engine) -> list[int]:
+        L = engine.cfg.num_hidden_layers
+        first = self.first_check if self.first_check is not None else max(1, L // 4)
+        every = self.every if self.every is not None else max(1, L // 4)
+        if not 1 <= first < L or every < 1:
+            raise PonderError(f"early-exit checks need 1 <= first_check < {L} and every >= 1")
+        return list(range(first, L, every))
+
+    def _planner(self, engine: Engine, threshold: float) -> EarlyExitPlanner:
+        return EarlyExitPlanner(engine, self.kv_fill, threshold, self.checks(engine), self.measure)

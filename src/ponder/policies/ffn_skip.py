@@ -1,0 +1,94 @@
+"""FFN skipping on saturation, after FFN-SkipLLM: attention always runs, so the KV cache stays complete.
+
+Signal. Each token's residual stream "saturates" in the middle of the stack: a layer barely turns it. Before layer
+``i`` the planner holds the token's state entering layer ``i - 1`` and entering layer ``i``; their cosine is the
+saturation of layer ``i - 1``, free to compute (O(d) per token) and known before layer ``i`` runs, which is when the
+decision must be made. Once a token's saturation reaches the threshold in the unprotected middle of the stack, it
+skips the FFN of that layer and (greedily, as FFN-SkipLLM does) of every later unprotected layer; its attention
+still runs everywhere. The first ``warmup`` positions of each sequence never skip (they anchor the attention sinks),
+and the first ``protect_first`` / last ``protect_last`` layers ("cold" layers) always run their FFN.
+
+Budget. Only FFN work can be saved, and only in unprotected layers after warm-up, so the minimum reachable budget is
+``1 - ffn_share * unprotected / L`` (``min_budget``; about 0.4 for the shipped 12-layer model, whose attention is a
+quarter of a layer's projection FLOPs); budgets below it are refused. The threshold is fitted by bisection on
+calibration text so the realized fraction (cosine overhead included) meets the budget there.
+
+Decisions use only the token's own states, so a padded batch equals its rows alone and cached decoding equals
+recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.forward import Engine, StepContext
+from ..engine.plan import LayerPlan
+from ..errors import PonderError
+from .base import layer_flops_share
+from .budget import ThresholdPolicy
+from .registry import register
+
+
+class FFNSkipPlanner:
+    def __init__(self, engine: Engine, threshold: float, warmup: int, first: int, last: int, sticky: bool):
+        self.L = engine.cfg.num_hidden_layers
+        self.D = engine.cfg.hidden_size
+        self.thr = threshold
+        self.warmup = warmup
+        self.lo, self.hi = first, self.L - last  # unprotected layers: [lo, hi)
+        self.sticky = sticky
+        self.prev: torch.Tensor | None = None
+        self.skipping: torch.Tensor | None = None
+
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        if i == 0:
+            self.skipping = torch.zeros(ctx.B, ctx.T, dtype=torch.bool, device=x.device)
+        elif i < self.hi and i >= max(self.lo, 1):
+            sat = F.cosine_similarity(self.prev.float(), x.float(), dim=-1)  # (B, T)
+            if ctx.stats is not None:
+                ctx.stats.add_overhead(6.0 * self.D * ctx.B * ctx.T)
+            hit = (sat >= self.thr) & (ctx.positions >= self.warmup)
+            self.skipping = (self.skipping | hit) if self.sticky else hit
+        self.prev = x
+        if not (self.lo <= i < self.hi) or not bool(self.skipping.any()):
+            return None
+        return LayerPlan.from_masks(None, ~self.skipping)
+
+
+@register
+@dataclass
+class FFNSkip(ThresholdPolicy):
+    """Skip a token's FFN in the middle layers once its residual stream saturates; attention always runs."""
+
+    name: ClassVar[str] = "ffn-skip"
+    cheap: ClassVar[float] = -1.0  # every token past warm-up skips from the first unprotected layer
+    warmup: int = 4  # first positions of every sequence never skip
+    protect_first: int = 1
+    protect_last: int = 1
+    sticky: bool = True  # once saturated, skip every later unprotected FFN (FFN-SkipLLM's greedy rule)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.protect_first < 1 or self.protect_last < 1:
+            raise PonderError("ffn-skip protects at least the first and the last layer (protect_first/last >= 1)")
+
+    def min_budget(self, engine: Engine) -> float:
+        """Projection-FLOP fraction left when every unprotected FFN is skipped (a lower bound: the attention core,
+        warm-up tokens and the cosine checks come on top, and the measured minimum is what calibration enforces)."""
+        L = engine.cfg.num_hidden_layers
+        _, ffn = layer_flops_share(engine)
+        return 1.0 - ffn * max(0, L - self.protect_first - self.protect_last) / L
+
+    def _precheck(self, engine: Engine) -> None:
+        mb = self.min_budget(engine)
+        if self.budget < mb:
+            raise PonderError(f"ffn-skip cannot reach budget {self.budget:g} on this model: attention always runs and "
+                              f"{self.protect_first}+{self.protect_last} layers are protected, so its minimum "
+                              f"reachable budget is {mb:.3f}; use a larger --budget")
+
+    def _planner(self, engine: Engine, threshold: float) -> FFNSkipPlanner:
+        return FFNSkipPlanner(engine, threshold, self.warmup, self.protect_first, self.protect_last, self.sticky)

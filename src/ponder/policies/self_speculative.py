@@ -1,0 +1,137 @@
+"""Self-speculative decoding as a policy: lossless at every budget; it changes speed, never the output.
+
+The decoding loop is ``engine/speculative.py``. This file chooses its two knobs:
+
+- Draft depth ``E``. ``budget < 1`` fixes it: ``E = round(budget * L)`` (clamped to ``[1, L - 1]``), so a budget
+  sweep is a sweep over draft depths. ``budget = 1`` (the default) lets calibration choose: the logit lens on
+  calibration text gives, per depth, the share of tokens whose top-1 there equals the final top-1 (the greedy
+  acceptance rate ``alpha(E)``), and ``E`` maximises the expected speedup of a simple cost model. An explicit
+  ``exit_layer`` overrides both.
+- Draft length ``k``: starts at the model's best for ``alpha(E)`` and adapts online (longer after a fully accepted
+  round, shorter after a rejection).
+
+Cost model, in units of one layer's batch-1 decode step: a draft step costs ``E + head + call``, the verification of
+``k + 1`` tokens ``(L - E) + head + call`` (at batch 1, a few more rows barely cost more), a dense step
+``L + head + call``. ``head`` is the LM head's parameters over a layer's; ``call`` (per-forward overhead) is 1.
+With iid acceptance ``alpha`` a round yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens.
+
+Scoring (perplexity) is the dense model: speculation only exists in generation. Batches work (every row keeps the
+batch's smallest accepted count); the target is batch 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..engine.forward import Engine, Planner
+from ..engine.generate import GenerationResult, SamplingConfig, generate
+from ..engine.speculative import SpecConfig, speculative_generate
+from ..engine.stats import Stats
+from ..errors import PonderError
+from .base import Policy
+from .budget import shipped_calibration
+from .registry import register
+
+CALL_COST = 1.0  # per-forward overhead, in layer-steps (batch-1 decode is dominated by per-op costs)
+CALIB_TOKENS = 2048
+
+
+def head_cost(engine: Engine) -> float:
+    c = engine.cfg
+    return c.hidden_size * c.vocab_size / (c.attn_proj_params + c.ffn_params)
+
+
+def expected_speedup(L: int, E: int, k: int, alpha: float, head: float, call: float = CALL_COST) -> float:
+    alpha = min(max(alpha, 0.0), 0.999)
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+    cost = (k + 1) * (E + call) + k * head + (L - E) + head + call
+    return tokens * (L + head + call) / cost
+
+
+def best_plan(L: int, alphas: dict[int, float], head: float, max_draft: int) -> tuple[int, int, float]:
+    """(E, k, expected speedup) maximising the cost model over the given depths and k in [1, max_draft]."""
+    return max(((E, k, expected_speedup(L, E, k, a, head)) for E, a in alphas.items()
+                for k in range(1, max_draft + 1)), key=lambda t: t[2])
+
+
+@register
+@dataclass
+class SelfSpeculative(Policy):
+    """Draft with the first layers + shared head, verify in one pass of the rest; greedy output = dense."""
+
+    name: ClassVar[str] = "self-speculative"
+    lossless: ClassVar[bool] = True
+    exit_layer: int | None = None  # None: from the budget (< 1) or calibration (budget 1)
+    draft_len: int | None = None  # initial drafts per round; None: the cost model's best
+    max_draft: int = 12
+    adaptive: bool = True
+    calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in super().params().items() if k != "calibration"}
+
+    def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
+        """Greedy acceptance rate per draft depth: the logit lens (top-1 at depth E equals the final top-1) on
+        calibration text (up to ``CALIB_TOKENS`` tokens: a rate needs far fewer than a threshold fit)."""
+        import torch
+
+        from ..eval.lens import _Tap
+
+        seqs = [s for s in texts if len(s) >= 2]
+        if not seqs:
+            return
+        n = min(len(s) for s in seqs)
+        seqs = [s[:n] for s in seqs][:max(1, CALIB_TOKENS // n)]
+        L = engine.cfg.num_hidden_layers
+        agree = torch.zeros(L)
+        with torch.inference_mode():
+            for i in range(0, len(seqs), 4):
+                tap = _Tap()
+                engine.forward(torch.tensor(seqs[i:i + 4], device=engine.device), planner=tap, logits=None,
+                               phase="score")
+                final = engine.logits(tap.outs[-1]).argmax(-1)
+                for layer, h in enumerate(tap.outs[:-1]):
+                    agree[layer] += (engine.logits(h).argmax(-1) == final).sum().cpu()
+        total = len(seqs) * n
+        self.calibration = {"alphas": {i + 1: float(agree[i]) / total for i in range(L - 1)}, "engine": id(engine)}
+
+    def _exit_layer(self, engine: Engine) -> int:
+        L = engine.cfg.num_hidden_layers
+        if L < 2:
+            raise PonderError("self-speculative decoding needs a model with at least two layers")
+        if self.exit_layer is not None:
+            if not 1 <= self.exit_layer < L:
+                raise PonderError(f"exit_layer must be in [1, {L - 1}] for this {L}-layer model")
+            return self.exit_layer
+        if self.budget < 1.0:
+            return min(max(round(self.budget * L), 1), L - 1)
+        alphas = self._alphas(engine)
+        return best_plan(L, alphas, head_cost(engine), self.max_draft)[0] if alphas else max(1, L // 2)
+
+    def _alphas(self, engine: Engine) -> dict[int, float]:
+        if self.calibration.get("engine") != id(engine):
+            self.calibration = {"alphas": {}, "engine": id(engine)}
+            self.calibrate(engine, shipped_calibration(engine))
+        return self.calibration["alphas"]
+
+    def spec_config(self, engine: Engine) -> SpecConfig:
+        E = self._exit_layer(engine)
+        k = self.draft_len
+        if k is None:
+            alphas = self._alphas(engine)
+            k = best_plan(engine.cfg.num_hidden_layers, {E: alphas[E]}, head_cost(engine), self.max_draft)[1] \
+                if E in alphas else 4
+        return SpecConfig(exit_layer=E, draft_len=max(1, min(k, self.max_draft)), max_draft=self.max_draft,
+                          adaptive=self.adaptive)
+
+    def planner(self, engine: Engine) -> Planner | None:
+        return None  # scoring is dense: speculation changes how tokens are generated, not what they cost to score
+
+    def generate(self, engine: Engine, prompts: list[list[int]], sc: SamplingConfig, stats: Stats | None = None,
+                 on_token=None) -> GenerationResult:
+        if self.max_draft < 1:
+            raise PonderError("max_draft must be >= 1")
+        if engine.cfg.num_hidden_layers < 2:
+            return generate(engine, prompts, sc, None, stats, on_token)
+        return speculative_generate(engine, prompts, sc, self.spec_config(engine), stats, on_token)
