@@ -160,12 +160,12 @@ def test_calibration_meets_budget(bert):
     _, eng = bert
     seqs, _ = eng.tokenizer.encode_special(SENTS * 8)
     for name in ("token-prune", "token-merge", "token-exit", "layer-skip"):
-        pol = registry.get(name, 0.75)
+        pol = registry.get(name, 0.85)
         pol.calibrate(eng, seqs)
         st = EncoderStats(eng.cfg)
         for s in range(0, len(seqs), 32):
             eng.encode(seqs[s:s + 32], pol.reducer(eng), st)
-        assert st.flops_fraction <= 0.75 + 1e-6, (name, st.flops_fraction)
+        assert st.flops_fraction <= 0.85 + 1e-6, (name, st.flops_fraction)
         assert st.flops_fraction > 0.4, (name, st.flops_fraction)  # not absurdly far below either
     # a budget the knob cannot reach is reported, not silently exceeded
     pol = registry.get("token-exit", 0.2)
@@ -220,7 +220,7 @@ def test_exit_frozen_tokens_are_still_attended(bert):
 
     _, eng = bert
     seqs, _ = eng.tokenizer.encode_special(SENTS[1:2])
-    pol = registry.get("token-exit", 0.5, threshold=-2.0, start=0, pool="frozen")
+    pol = registry.get("token-exit", 0.5, threshold=-2.0, start=0, pool="frozen", criterion="state")
     tokens = eng.encode(seqs, pol.reducer(eng), tokens_out=True)[0]
     W = eng.W
     ids = torch.tensor(seqs)

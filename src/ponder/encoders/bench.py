@@ -278,7 +278,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    model = args.model if args.model not in (None, "ref") else "minilm"
+    model = args.model if args.model is not None else "minilm"
     if args.policies in (None, "", "all"):
         policies = list(DEFAULT_POLICIES)
     else:

@@ -321,7 +321,8 @@ class EncoderEngine:
         else:
             pos = torch.arange(T)[None, :]
             st = TokenState(x=x, valid=valid, size=None, special=(pos == 0) | (pos == lengths[:, None] - 1),
-                            slot=pos.expand(B, T).clone(), pool_w=pool_w, scratch={"lengths": lengths})
+                            slot=pos.expand(B, T).masked_fill(pos >= lengths[:, None], -1),  # padding: nowhere
+                            pool_w=pool_w, scratch={"lengths": lengths})
             for i in range(L):
                 if reducer.skip(i):
                     if stats is not None:
@@ -329,9 +330,10 @@ class EncoderEngine:
                     continue
                 if st.x.shape[1] == 0:
                     break  # every row has exited
-                nq, pq = st.counts(), st.x.shape[1]
-                nk = nq + st.ctx_counts()
-                pk = pq + (st.ctx.shape[1] if st.ctx is not None else 0)
+                if stats is not None:
+                    nq, pq = st.counts(), st.x.shape[1]
+                    nk = nq + st.ctx_counts()
+                    pk = pq + (st.ctx.shape[1] if st.ctx is not None else 0)
                 x_in = st.x
                 want = reducer.wants_probs(i)
                 h, p, k = attn_block(W, i, st.x, st.ctx, st.bias(), want)

@@ -15,6 +15,10 @@ def compaction(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, t
     """Plan a compaction of (B, n) rows. Returns (order (B, m): old row of each new row, new validity (B, m) or
     None when every new row is live, old_to_new (B, n): new row of each kept old row, -1 for removed ones)."""
     B, n = keep.shape
+    if B == 1:  # one row: no padding can appear, the kept indices are the order
+        order = keep[0].nonzero().T
+        o2n = keep.long().cumsum(1) - 1
+        return order, None, o2n.masked_fill_(~keep, -1)
     counts = keep.sum(1)
     m = int(counts.max()) if B else 0
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :m]
@@ -42,8 +46,9 @@ def remap(slot: torch.Tensor, old_to_new: torch.Tensor) -> torch.Tensor:
 def keep_top(score: torch.Tensor, eligible: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
     """Per row, the ``n_keep`` (B,) highest-scoring eligible rows; returns a (B, n) mask of them."""
     s = score.masked_fill(~eligible, float("-inf"))
-    rank = torch.argsort(torch.argsort(s, dim=1, descending=True, stable=True), dim=1)
-    return (rank < n_keep[:, None]) & eligible
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    top = torch.arange(s.shape[1], device=s.device)[None, :] < n_keep[:, None]
+    return torch.zeros_like(eligible).scatter_(1, order, top) & eligible
 
 
 def bipartite_soft_matching(metric: torch.Tensor, mergeable: torch.Tensor, r: torch.Tensor

@@ -202,15 +202,8 @@ def build_sections(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str
 
 def headline(md: str) -> str:
     """The verdict lines and the results table of report.md, for the terminal."""
-    lines = md.splitlines()
-    out = [ln for ln in lines if ln.startswith("**")]
-    on = False
-    for ln in lines:
-        if ln.startswith("## Results"):
-            on = True
-            continue
-        if on and ln.startswith("## "):
-            break
-        if on and ln.strip():
-            out.append(ln)
-    return "\n".join(out)
+    from ..eval.bench_cli import _headline
+
+    extra = [ln for ln in md.splitlines() if ln.startswith("**") and not ln.startswith("**A/A control")]
+    head = _headline(md).splitlines()
+    return "\n".join(head[:1] + extra + head[1:])

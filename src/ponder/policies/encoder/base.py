@@ -26,10 +26,25 @@ if TYPE_CHECKING:  # pragma: no cover
 class EncoderPolicy(Policy):
     name: ClassVar[str] = "encoder-base"
     kv_compatible: ClassVar[bool] = True  # N/A (no KV cache in an encoder); see the module docstring
-    knob_name: ClassVar[str] = ""
+    knob_name: ClassVar[str] = ""  # the dataclass field the budget is fitted into (None until fitted)
+    knob_range: ClassVar[tuple[float, float, bool, int] | None] = None  # (lo, hi, cheaper_when_low, iterations)
 
     def calibrate(self, engine: "EncoderEngine", seqs: list[list[int]]) -> None:  # type: ignore[override]
-        """Fit the knob to the budget on calibration token sequences (never the evaluation texts)."""
+        """Fit the knob to the budget on calibration token sequences (never the evaluation texts). A knob given
+        explicitly is kept as is."""
+        if self.knob_range is None or self.budget >= 1.0 or getattr(self, self.knob_name) is not None:
+            return
+        lo, hi, cheaper_when_low, iters = self.knob_range
+        self.fit(engine, seqs, lambda v: setattr(self, self.knob_name, v), lo, hi, cheaper_when_low, iters)
+
+    def knob(self) -> float | None:
+        """The fitted (or given) knob; None at budget 1 without one (dense). Raises when fitting was skipped."""
+        v = getattr(self, self.knob_name)
+        if v is None and self.budget < 1.0:
+            from ...errors import PonderError
+
+            raise PonderError(f"{self.name} is not calibrated; call calibrate() first (ponder.embed does it)")
+        return v
 
     def reducer(self, engine: "EncoderEngine") -> "Reducer | None":
         """A fresh reducer for one batch; None runs the dense path."""

@@ -4,7 +4,7 @@ After each layer from ``start`` on, a token whose state stopped changing (cosine
 "Its state" is, with ``criterion="predicted"`` (default), its predicted last-layer state: the calibrated affine map
 of its current state (see ``EncoderEngine.extrapolators``), compared with the prediction from the previous layer -
 a training-free stand-in for DToP's auxiliary heads; with ``criterion="state"`` it is the raw hidden state,
-cos(x_l, x_{l-1}). A frozen token it no longer runs as a query nor through the FFN, but its frozen state is still a key and
+cos(x_l, x_{l-1}). A frozen token no longer runs as a query nor through the FFN, but its frozen state is still a key and
 value for every later layer (each later layer projects K/V for it: 1/6 of a token-layer's projection work), so the
 live tokens keep their full context. Its frozen state is its final state for pooling. [CLS] and [SEP] never exit.
 ``threshold`` is fitted to the budget on the calibration split.
@@ -31,6 +31,7 @@ class TokenExit(EncoderPolicy):
 
     name: ClassVar[str] = "token-exit"
     knob_name: ClassVar[str] = "threshold"
+    knob_range: ClassVar[tuple] = (-1.0, 1.0, True, 11)
     start: int = 1  # first layer after which a token may exit
     pool: str = "linear"  # linear | frozen: how a frozen state enters pooling
     criterion: str = "predicted"  # predicted | state: what must stop changing
@@ -43,20 +44,9 @@ class TokenExit(EncoderPolicy):
         if self.criterion not in ("predicted", "state"):
             raise PonderError(f"token-exit criterion must be 'predicted' or 'state', not {self.criterion!r}")
 
-    def calibrate(self, engine, seqs) -> None:  # type: ignore[override]
-        if self.budget >= 1.0 or self.threshold is not None:
-            return
-
-        def set_knob(v: float) -> None:
-            self.threshold = v
-
-        self.fit(engine, seqs, set_knob, -1.0, 1.0, cheaper_when_low=True, iters=11)
-
     def reducer(self, engine):
-        if self.budget >= 1.0 and self.threshold is None:
+        if self.knob() is None:
             return None
-        if self.threshold is None:
-            raise PonderError("token-exit is not calibrated; call calibrate() (ponder.embed does it)")
         maps = self.linear_maps(engine) if self.pool == "linear" or self.criterion == "predicted" else None
         return _Exit(self, engine.cfg.num_hidden_layers, maps if self.pool == "linear" else None,
                      maps if self.criterion == "predicted" else None)

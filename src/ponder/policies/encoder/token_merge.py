@@ -31,7 +31,8 @@ class TokenMerge(EncoderPolicy):
 
     name: ClassVar[str] = "token-merge"
     knob_name: ClassVar[str] = "merge_ratio"
-    metric: str = "keys"
+    knob_range: ClassVar[tuple] = (0.0, 0.5, False, 9)
+    metric: str = "hidden"
     layers: tuple[int, ...] | None = None  # merging layers; None: all
     merge_ratio: float | None = None  # share of a text's live tokens merged per merging layer; None: fitted
 
@@ -41,20 +42,9 @@ class TokenMerge(EncoderPolicy):
             raise PonderError(f"token-merge metric must be 'keys' or 'hidden', not {self.metric!r}")
         self.layers = layer_tuple(self.layers)
 
-    def calibrate(self, engine, seqs) -> None:  # type: ignore[override]
-        if self.budget >= 1.0 or self.merge_ratio is not None:
-            return
-
-        def set_knob(v: float) -> None:
-            self.merge_ratio = v
-
-        self.fit(engine, seqs, set_knob, 0.0, 0.5, cheaper_when_low=False)
-
     def reducer(self, engine):
-        if self.budget >= 1.0 and self.merge_ratio is None:
+        if self.knob() is None:
             return None
-        if self.merge_ratio is None:
-            raise PonderError("token-merge is not calibrated; call calibrate() (ponder.embed does it)")
         L = engine.cfg.num_hidden_layers
         pts = self.layers if self.layers is not None else tuple(range(L))
         return _Merge(self, set(pts))

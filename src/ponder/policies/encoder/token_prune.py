@@ -34,6 +34,7 @@ class TokenPrune(EncoderPolicy):
 
     name: ClassVar[str] = "token-prune"
     knob_name: ClassVar[str] = "keep_ratio"
+    knob_range: ClassVar[tuple] = (0.02, 1.0, True, 9)
     score: str = "attn"
     layers: tuple[int, ...] | None = None  # pruning layers; None: all that can save work
     pool: str = "linear"
@@ -56,20 +57,9 @@ class TokenPrune(EncoderPolicy):
             raise PonderError(f"token-prune layers {pts} outside 0..{L - 1}")
         return pts
 
-    def calibrate(self, engine, seqs) -> None:  # type: ignore[override]
-        if self.budget >= 1.0 or self.keep_ratio is not None:
-            return
-
-        def set_knob(v: float) -> None:
-            self.keep_ratio = v
-
-        self.fit(engine, seqs, set_knob, 0.02, 1.0, cheaper_when_low=True)
-
     def reducer(self, engine):
-        if self.budget >= 1.0 and self.keep_ratio is None:
+        if self.knob() is None:
             return None
-        if self.keep_ratio is None:
-            raise PonderError("token-prune is not calibrated; call calibrate() (ponder.embed does it)")
         return _Prune(self, self.points(engine.cfg.num_hidden_layers),
                       self.linear_maps(engine) if self.pool == "linear" else None)
 
