@@ -244,10 +244,14 @@ def test_oracle_budget_sets_floor_or_cap(eng):
 
 
 # ---- self-speculative ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("exit_layer,draft_len,adaptive", [(1, 1, False), (3, 4, True), (6, 8, True), (7, 2, False)])
-def test_self_speculative_greedy_equals_dense(eng, exit_layer, draft_len, adaptive):
-    pol = registry.get("self-speculative", exit_layer=exit_layer, draft_len=draft_len, adaptive=adaptive)
-    prompts = [CALIB[0][:6], CALIB[1][:3], CALIB[2][:9]]
+@pytest.mark.parametrize("exit_layer,draft_len,adaptive,drafter", [
+    (1, 1, False, "layers"), (3, 4, True, "layers"), (6, 8, True, "layers"), (7, 2, False, "layers"),
+    (4, 3, True, "lookup"), (2, 5, False, "lookup"), (4, 3, True, "lookup+layers")])
+def test_self_speculative_greedy_equals_dense(eng, exit_layer, draft_len, adaptive, drafter):
+    pol = registry.get("self-speculative", exit_layer=exit_layer, draft_len=draft_len, adaptive=adaptive,
+                       drafter=drafter)
+    rep = CALIB[5][:5] * 3  # repetitive prompts give the lookup drafter matches
+    prompts = [CALIB[0][:6] + rep, CALIB[1][:3], rep + CALIB[2][:9]]
     sc = SamplingConfig(max_new_tokens=20, stop_tokens=(CALIB[3][0],))
     dense = generate(eng, prompts, sc)
     st, st_dense = Stats(eng.cfg), Stats(eng.cfg)
@@ -255,10 +259,21 @@ def test_self_speculative_greedy_equals_dense(eng, exit_layer, draft_len, adapti
     generate(eng, prompts[:1], sc, stats=st_dense)
     assert res.tokens[0] == dense.tokens[0] and res.finish[0] == dense.finish[0]
     assert pol.generate(eng, prompts, sc).tokens == dense.tokens
-    assert res.extra["exit_layer"] == exit_layer and 0 <= res.extra["acceptance_rate"] <= 1
+    assert res.extra["exit_layer"] == exit_layer and 0 <= (res.extra["acceptance_rate"] or 0) <= 1
+    assert (res.extra["lookup_rounds"] > 0) == ("lookup" in drafter)
     # the dense side of the accounting is exactly what dense generation would have spent on the same tokens
     assert st.tokens == st_dense.tokens and st.dense_flops == pytest.approx(st_dense.dense_flops)
     assert st.flops_fraction >= 1.0 - 1e-9  # drafts that were thrown away are counted
+
+
+def test_lookup_drafts_continue_the_latest_match():
+    from ponder.engine.speculative import lookup
+
+    seq = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup(seq, 2, 3, 2) == [7, 8]  # "2 3" last seen before at index 6 (longest suffix "5 2 3": absent)
+    assert lookup(seq, 9, 3, 2) == [7, 8, 5, 2, 3]
+    assert lookup([1, 2, 3, 4], 3, 3, 2) == []
+    assert lookup([4, 4, 4], 1, 3, 1) == [4]
 
 
 def test_self_speculative_accepts_everything_when_the_draft_is_the_model(eng):

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .forward import Engine
 from .generate import GenerationResult, SamplingConfig, check_prompts, distribution, left_pad, pick
@@ -42,6 +43,40 @@ class SpecConfig:
     draft_len: int = 4  # initial number of drafts per round
     max_draft: int = 12
     adaptive: bool = True
+    drafter: str = "layers"  # "layers" | "lookup" | "lookup+layers"
+    ngram: int = 3  # lookup: longest suffix matched against the context ...
+    ngram_min: int = 2  # ... and the shortest
+
+    def __post_init__(self) -> None:
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, not {self.drafter!r}")
+
+
+DRAFTERS = ("layers", "lookup", "lookup+layers")
+
+
+def lookup(seq: list[int], k: int, n_max: int, n_min: int) -> list[int]:
+    """Up to ``k`` tokens that followed the most recent earlier occurrence of the context's last ``n`` tokens
+    (longest ``n`` first): prompt-lookup drafting, free of model work, strong wherever text repeats itself."""
+    T = len(seq)
+    for n in range(min(n_max, T - 1), n_min - 1, -1):
+        tail = seq[T - n:]
+        for s in range(T - n - 1, -1, -1):
+            if seq[s:s + n] == tail:
+                return seq[s + n:s + n + k]
+    return []
+
+
+def lookup_drafts(hist: list[list[int]], done: list[bool], spec: SpecConfig, k: int) -> torch.Tensor | None:
+    """(B, m) drafts when every live row found a continuation (m: the shortest), else None."""
+    if k < 1:
+        return None
+    conts = [[] if done[b] else lookup(h, k, spec.ngram, spec.ngram_min) for b, h in enumerate(hist)]
+    live = [c for b, c in enumerate(conts) if not done[b]]
+    m = min((len(c) for c in live), default=0)
+    if m == 0:
+        return None
+    return torch.tensor([(c + [0] * m)[:m] for c in conts], dtype=torch.long)
 
 
 def sampled_round(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, live: torch.Tensor,
@@ -102,7 +137,10 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     emitted = 0
     drafted = accepted = rounds = 0
     fed: list[int] = []  # cache columns the dense model would have fed in decode (for the dense-side count)
-    k = max(1, min(spec.draft_len, spec.max_draft))
+    k = k_lu = max(1, min(spec.draft_len, spec.max_draft))
+    use_lookup, use_layers = "lookup" in spec.drafter, "layers" in spec.drafter
+    hist = [list(p) for p in prompts]
+    lookup_rounds = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
         if B > 1:
@@ -111,28 +149,43 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
         t1 = time.perf_counter()
         x = pick(logits, sc, gen)
         emit(x.tolist())
+        for b in range(B):
+            hist[b].append(int(x[b]))
         emitted = 1
         while emitted < N and not all(done):
-            kk = min(k, N - emitted - 1)
             start = cache.length
             hs, drafts, qs = [], [], []
-            tok = x
-            for j in range(kk + 1):  # 1. draft
-                o = engine.forward(tok[:, None], cache, None, work, logits="last" if j < kk else None,
-                                   phase="decode", last_layer=E)
-                hs.append(o.hidden)
-                if j < kk:
-                    if greedy:
-                        tok = o.logits.argmax(-1)
-                    else:
-                        qs.append(distribution(o.logits, sc))
-                        tok = torch.multinomial(qs[-1], 1, generator=gen).squeeze(1)
-                    drafts.append(tok)
-            block = torch.stack([x] + drafts, 1)  # (B, kk+1)
+            found = lookup_drafts(hist, done, spec, min(k_lu, N - emitted - 1)) if use_lookup else None
+            if found is not None:  # drafts from the context: one full pass verifies them all
+                kk = found.shape[1]
+                block = torch.cat([x[:, None], found.to(x.device)], 1)
+                v = engine.forward(block, cache, None, work, logits="all", phase="verify").logits
+                if not greedy:
+                    qs = list(F.one_hot(found.to(x.device), v.shape[-1]).float().unbind(1))
+                lookup_rounds += 1
+            elif not use_layers:  # lookup only, nothing found: one plain dense step
+                kk = 0
+                block = x[:, None]
+                v = engine.forward(block, cache, None, work, logits="all", phase="decode").logits
+            else:
+                kk = min(k, N - emitted - 1)
+                tok = x
+                for j in range(kk + 1):  # 1. draft
+                    o = engine.forward(tok[:, None], cache, None, work, logits="last" if j < kk else None,
+                                       phase="decode", last_layer=E)
+                    hs.append(o.hidden)
+                    if j < kk:
+                        if greedy:
+                            tok = o.logits.argmax(-1)
+                        else:
+                            qs.append(distribution(o.logits, sc))
+                            tok = torch.multinomial(qs[-1], 1, generator=gen).squeeze(1)
+                        drafts.append(tok)
+                block = torch.stack([x] + drafts, 1)  # (B, kk+1)
+                work.begin_step(B, kk + 1, start)  # a resumed forward begins no step: size the counters for it
+                v = engine.forward(block, cache, None, work, logits="all", phase="verify", first_layer=E,
+                                   hidden=torch.cat(hs, 1)).logits  # 2. verify: (B, kk+1, V)
             d = block[:, 1:]
-            work.begin_step(B, kk + 1, start)  # a resumed forward begins no step: size the counters for it
-            v = engine.forward(block, cache, None, work, logits="all", phase="verify", first_layer=E,
-                               hidden=torch.cat(hs, 1)).logits  # 2. verify: (B, kk+1, V)
             live = torch.tensor([not x_ for x_ in done], device=v.device)
             if greedy:  # 3. accept
                 tgt = v.argmax(-1)
@@ -153,15 +206,20 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
             accepted += a
             rounds += 1
             x = nxt
-            if spec.adaptive:
-                k = min(k + 1, spec.max_draft) if a == kk else max(1, k - 1)
+            for b in range(B):
+                hist[b] = hist[b] + d[b, :a].tolist() + [int(nxt[b])]
+            if spec.adaptive and kk:
+                if found is not None:
+                    k_lu = min(k_lu + 1, spec.max_draft) if a == kk else max(1, k_lu - 1)
+                else:
+                    k = min(k + 1, spec.max_draft) if a == kk else max(1, k - 1)
     t2 = time.perf_counter()
     if stats is not None:
         _account(stats, work, fed, B, engine)
     extra = {"exit_layer": E, "acceptance_rate": accepted / drafted if drafted else None,
              "mean_accepted": accepted / rounds if rounds else None,
              "tokens_per_round": (accepted + rounds) / rounds if rounds else None,
-             "rounds": rounds, "drafted": drafted, "final_draft_len": k}
+             "rounds": rounds, "drafted": drafted, "final_draft_len": k, "lookup_rounds": lookup_rounds}
     return GenerationResult(out, finish, stats, prefill_s=t1 - t0, decode_s=t2 - t1, extra=extra)
 
 

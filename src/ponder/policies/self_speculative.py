@@ -15,6 +15,11 @@ Cost model, in units of one layer's batch-1 decode step: a draft step costs ``E 
 ``L + head + call``. ``head`` is the LM head's parameters over a layer's; ``call`` (per-forward overhead) is 1.
 With iid acceptance ``alpha`` a round yields ``(1 - alpha^(k+1)) / (1 - alpha)`` tokens.
 
+Drafter. ``"layers"`` (default) is the method above. ``"lookup"`` drafts instead from the context (prompt lookup:
+the tokens that followed the last occurrence of the current 3- or 2-token suffix), which costs no model work and is
+verified by one full pass; ``"lookup+layers"`` uses the context when it has a match and the first layers otherwise.
+Every drafter goes through the same verification, so every one is lossless.
+
 Scoring (perplexity) is the dense model: speculation only exists in generation. Batches work (every row keeps the
 batch's smallest accepted count); the target is batch 1.
 """
@@ -26,7 +31,7 @@ from typing import Any, ClassVar
 
 from ..engine.forward import Engine, Planner
 from ..engine.generate import GenerationResult, SamplingConfig, generate
-from ..engine.speculative import SpecConfig, speculative_generate
+from ..engine.speculative import DRAFTERS, SpecConfig, speculative_generate
 from ..engine.stats import Stats
 from ..errors import PonderError
 from .base import Policy
@@ -66,7 +71,13 @@ class SelfSpeculative(Policy):
     draft_len: int | None = None  # initial drafts per round; None: the cost model's best
     max_draft: int = 12
     adaptive: bool = True
+    drafter: str = "layers"  # "layers" (LayerSkip) | "lookup" (context n-grams) | "lookup+layers"
     calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.drafter not in DRAFTERS:
+            raise PonderError(f"drafter must be one of {', '.join(DRAFTERS)}, not {self.drafter!r}")
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in super().params().items() if k != "calibration"}
@@ -123,7 +134,7 @@ class SelfSpeculative(Policy):
             k = best_plan(engine.cfg.num_hidden_layers, {E: alphas[E]}, head_cost(engine), self.max_draft)[1] \
                 if E in alphas else 4
         return SpecConfig(exit_layer=E, draft_len=max(1, min(k, self.max_draft)), max_draft=self.max_draft,
-                          adaptive=self.adaptive)
+                          adaptive=self.adaptive, drafter=self.drafter)
 
     def planner(self, engine: Engine) -> Planner | None:
         return None  # scoring is dense: speculation changes how tokens are generated, not what they cost to score
