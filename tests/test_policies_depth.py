@@ -206,6 +206,18 @@ def test_early_exit_counts_the_head_and_variants_differ(eng):
     assert (outs["state"] - outs["none"]).abs().max() > 1e-3
 
 
+def test_early_exit_saturation_measure_is_cheap_and_consistent(eng):
+    pol = registry.get("early-exit", 0.6, measure="saturation")
+    pol.calibrate(eng, CALIB)
+    assert pol.calibration["calibration_fraction"] <= 0.6
+    ids = torch.tensor([CALIB[1][:16]])
+    full, st = score_stats(eng, pol, ids)
+    assert 0 < st.overhead_flops < 0.1 * eng.head_flops(ids.numel())  # O(d) checks, far below head calls
+    cache, pl = eng.new_cache(1, 16), pol.planner(eng)
+    steps = [eng.forward(ids[:, t:t + 1], cache, pl, phase="decode").logits[:, 0] for t in range(16)]
+    assert (torch.stack(steps, 1) - full).abs().max() < TOL
+
+
 def test_early_exit_logits_come_from_the_frozen_exit_state(eng):
     from ponder.eval.lens import _Tap
 

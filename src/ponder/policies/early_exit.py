@@ -16,6 +16,10 @@ What an exited token leaves in the KV cache of the layers it skipped (``kv_fill`
 - ``"none"``: nothing; the slot is masked for later tokens (``kv="none"``), which lose sight of that token there.
 
 The threshold is fitted by bisection on calibration text so the realized fraction (checks included) meets the budget.
+``measure="saturation"`` replaces the head by CALM's hidden-state saturation (the cosine between the states entering
+and leaving the previous layer; O(d) per token), for models whose head is too expensive to consult: the exited
+token's prediction still comes from the shared head, once, at the end.
+
 Decisions use only the token's own state, so batching and caching do not change them.
 """
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..engine.forward import Engine, StepContext
 from ..engine.plan import LayerPlan
@@ -34,6 +39,7 @@ from .budget import ThresholdPolicy
 from .registry import register
 
 KV_FILL = {"state": "compute", "kv-copy": "copy", "none": "none"}
+MEASURES = ("maxprob", "entropy", "saturation")
 
 
 def check_kv_fill(kv_fill: str) -> str:
@@ -90,11 +96,23 @@ class EarlyExitPlanner(ExitPlanner):
         self.thr = threshold
         self.checks = set(checks)
         self.kind = measure_kind
+        self.prev: torch.Tensor | None = None  # (saturation) the states entering the previous layer
+
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        plan = super().layer(i, x, ctx)
+        if self.kind == "saturation":
+            self.prev = x
+        return plan
 
     def checks_at(self, i: int) -> bool:
         return i in self.checks
 
     def leave(self, i: int, h: torch.Tensor, rows: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self.kind == "saturation":  # CALM's state saturation: the last layer barely turned the token's state
+            if ctx.stats is not None:
+                ctx.stats.add_overhead(6.0 * h.shape[0] * h.shape[1])
+            prev = self.prev.reshape(-1, h.shape[-1])[rows]
+            return F.cosine_similarity(prev.float(), h.float(), dim=-1) >= self.thr
         if ctx.stats is not None:
             ctx.stats.add_overhead(self.engine.head_flops(h.shape[0]))
         return confidence(self.engine.logits(h), self.kind) >= self.thr
@@ -109,13 +127,17 @@ class EarlyExit(ThresholdPolicy):
     kv_fill: str = "state"  # "state" | "kv-copy" | "none": what skipped layers' KV slots get
     first_check: int | None = None  # first depth checked (default L // 4, at least 1)
     every: int | None = None  # depth between checks (default L // 4, at least 1)
-    measure: str = "maxprob"  # "maxprob" | "entropy"
+    measure: str = "maxprob"  # "maxprob" | "entropy" (the head) | "saturation" (cosine of consecutive states)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_kv_fill(self.kv_fill)
-        if self.measure not in ("maxprob", "entropy"):
-            raise PonderError(f"measure must be 'maxprob' or 'entropy', not {self.measure!r}")
+        if self.measure not in MEASURES:
+            raise PonderError(f"measure must be one of {', '.join(MEASURES)}, not {self.measure!r}")
+
+    @property
+    def cheap(self) -> float:  # the threshold at which every token leaves at the first check
+        return -1.0 if self.measure == "saturation" else 0.0
 
     def checks(self, engine: Engine) -> list[int]:
         L = engine.cfg.num_hidden_layers
