@@ -22,11 +22,13 @@ from ..engine.generate import SamplingConfig, generate
 from ..eval.lens import logit_lens
 from ..eval.metrics import evaluate_text, read_text, text_ids
 
+# Prompts end mid-line: byte-level BPE merges a newline with the indentation after it, so a prompt ending in a bare
+# newline is a token split the model never saw in training.
 SAMPLE_PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\n\ndef list_files(path):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "for i, line in enumerate(lines):\n",
+    "def fibonacci(n):",
+    "import os\n\ndef list_files(path):",
+    "class Stack:\n    def __init__(self):",
+    "    for i, line in enumerate(lines):",
 ]
 
 
