@@ -281,3 +281,19 @@ def test_decode_attention_with_padding_and_gqa(tiny_folder):
     for p, o in zip(prompts, out):
         full = eng.forward(torch.tensor([p + o[:-1]])).logits[0, len(p) - 1:].argmax(-1).tolist()
         assert full == o
+
+
+REF = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "ref"
+
+
+@pytest.mark.skipif(not (REF / "model.safetensors").is_file(), reason="models/ref not present")
+def test_shipped_model_equals_transformers():
+    import transformers
+
+    eng = api.load("ref")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(REF, dtype=torch.float32).eval()
+    ids = torch.tensor([eng.tokenizer.encode("def main(argv):\n    return 0\n")])
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (eng.forward(ids).logits - ref).abs().max() < 1e-3
+    assert eng.cfg.num_hidden_layers >= 12
