@@ -64,11 +64,16 @@ def test_interleaved_rounds_rotate_and_discard_warmup():
 
 
 def test_interleaved_uses_self_measured_seconds_and_min_time():
-    t = timing.interleaved({"x": lambda: 0.25, "y": lambda: 0.5}, warmup=0, repeats=2, min_seconds=1.0,
-                           max_repeats=10)
-    assert t["x"]["median"] == 0.25 and t["y"]["median"] == 0.5
-    assert len(t["x"]["samples"]) == 4  # rounds added until each side has 1 s of (reported) time
+    import time
+
+    t = timing.interleaved({"x": lambda: 0.25, "y": lambda: 0.5}, warmup=0, repeats=2)
+    assert t["x"]["median"] == 0.25 and t["y"]["median"] == 0.5  # the part each call measured itself
     assert timing.paired_ratio(t["y"], t["x"])["median"] == 2.0
+    t = timing.interleaved({"x": lambda: time.sleep(0.01), "y": lambda: time.sleep(0.005)}, warmup=0, repeats=2,
+                           min_seconds=0.05, max_repeats=50)
+    n = len(t["x"]["samples"])
+    assert 10 <= n < 50 and n == len(t["y"]["samples"])  # rounds added until every side ran 0.05 s of wall time
+    assert t["x"]["min"] >= 0.01
 
 
 def test_environment_and_fingerprint(tiny_folder, tmp_path):

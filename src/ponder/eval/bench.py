@@ -61,7 +61,9 @@ class BenchSettings:
     kl_tokens: int = 4096
     prompts: int = 12
     prompt_tokens: int = 64
-    new_tokens: int = 32
+    new_tokens: int = 32  # per greedy prompt
+    timing_tokens: int = 32  # generated per timed decode (batch 1 and batch ``decode_batch``)
+    calib_tokens: int = 4096  # calibration text for policies that fit thresholds (never the evaluation data)
     probes: int = 48
     prefill_tokens: int = 128
     decode_batch: int = 8
@@ -80,6 +82,7 @@ class BenchSettings:
     def quick(cls) -> "BenchSettings":
         return cls(data=str(repo_data("code.txt")), prose=None, probes_file=str(repo_data("probes.jsonl")),
                    ppl_tokens=2048, prose_tokens=0, kl_tokens=1024, prompts=4, prompt_tokens=48, new_tokens=24,
+                   timing_tokens=16, calib_tokens=2048,
                    probes=16, prefill_tokens=128, warmup=1, repeats=3, min_timed_s=0.25, profile="quick")
 
     def key_fields(self, engine: Engine) -> dict[str, Any]:
@@ -131,7 +134,7 @@ class Bench:
         self.kl_windows = quality.cut_windows(self.code_ids, self.window, s.kl_tokens)
         if not self.kl_windows:
             raise PonderError(f"{s.data} is too short: it needs at least a few tokens of text")
-        p_len = min(s.prompt_tokens, ctx - s.new_tokens)
+        p_len = min(s.prompt_tokens, ctx - max(s.new_tokens, s.timing_tokens))
         # prompts come from beyond the perplexity prefix where the text is long enough (different code to read)
         skip = s.ppl_tokens if len(self.code_ids) > s.ppl_tokens + 4 * (p_len + s.new_tokens) else 0
         self.prompts = quality.cut_prompts(self.code_ids, s.prompts, p_len, skip)
@@ -266,9 +269,9 @@ class Bench:
         t: dict[str, Any] = {}
         notes: list[str] = []
         kinds = [("prefill", [self.prefill_prompt], 1, False),
-                 ("decode_b1", self.decode_prompts[:1], s.new_tokens, True)]
+                 ("decode_b1", self.decode_prompts[:1], s.timing_tokens, True)]
         if s.decode_batch > 1:
-            kinds.append((f"decode_b{s.decode_batch}", self.decode_prompts[:s.decode_batch], s.new_tokens, True))
+            kinds.append((f"decode_b{s.decode_batch}", self.decode_prompts[:s.decode_batch], s.timing_tokens, True))
         for kind, prompts, n, per_step in kinds:
             self._say(bar, f"{label}: timing {kind}")
             fns = {"dense": self._gen_fn(None, prompts, n, per_step),
@@ -300,7 +303,7 @@ class Bench:
         e, s = self.engine, self.settings
         out: dict[str, Any] = {}
         sc1 = SamplingConfig(max_new_tokens=1, temperature=0.0, stop_tokens=())
-        scn = SamplingConfig(max_new_tokens=s.new_tokens, temperature=0.0, stop_tokens=())
+        scn = SamplingConfig(max_new_tokens=s.timing_tokens, temperature=0.0, stop_tokens=())
         a = quality.new_stats(e)
         pol.generate(e, [self.prefill_prompt], sc1, a)
         out["prefill_total_flops_fraction"] = a.total_flops_fraction
@@ -315,14 +318,14 @@ class Bench:
             kv = sum(int(((m & (ATTN | KV)) > 0).sum()) for m in maps)  # attention writes K/V too
             out["kv_written_fraction"] = kv / sum(m.numel() for m in maps)
         B = min(s.decode_batch, len(self.decode_prompts)) or 1
-        out["kv_cache_bytes"] = e.new_cache(B, len(self.decode_prompts[0]) + s.new_tokens).nbytes()
+        out["kv_cache_bytes"] = e.new_cache(B, len(self.decode_prompts[0]) + s.timing_tokens).nbytes()
         out["kv_cache_batch"] = B
         return out
 
     def memory_fields(self, pol: Any) -> dict[str, Any]:
         """Peak memory of one batch decode of the policy (CUDA: allocated; CPU: process RSS high-water mark)."""
         e, s = self.engine, self.settings
-        sc = SamplingConfig(max_new_tokens=s.new_tokens, temperature=0.0, stop_tokens=())
+        sc = SamplingConfig(max_new_tokens=s.timing_tokens, temperature=0.0, stop_tokens=())
         prompts = self.decode_prompts[:max(1, s.decode_batch)]
         if e.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(e.device)
@@ -334,15 +337,21 @@ class Bench:
         return {"peak_memory_bytes": envinfo.rss_peak_bytes(),
                 "peak_memory_kind": "rss_peak" if exact else "rss_peak_process_lifetime"}
 
+    def calibrate(self, pol: Any) -> None:
+        """Fit the policy on the shipped calibration text (never the evaluation data), cut once per run."""
+        if not hasattr(self, "_calib"):
+            from .calibration import calibration_ids
+
+            self._calib = calibration_ids(self.engine, n_tokens=self.settings.calib_tokens)
+        pol.calibrate(self.engine, self._calib)
+
     # ---- rows ------------------------------------------------------------------------------------------------
     def policy_row(self, pol: Any, bar=None) -> dict[str, Any]:
-        from .. import cli
-
         t0 = time.perf_counter()
         label = f"{pol.name}@{pol.budget:g}"
         self._marks = []
         self._say(bar, f"{label}: calibrating")
-        cli.calibrate(pol, self.engine)
+        self.calibrate(pol)
         row = self.base_row(pol.name, pol.budget)
         row.update(pol.flags())
         row["policy_params"] = {k: v for k, v in pol.params().items() if _json_simple(v)}
@@ -420,7 +429,7 @@ class Bench:
                        "class": type(hf).__name__, "attn_implementation": getattr(hf.config, "_attn_implementation", None)}
         p = self.decode_prompts[0]
         ids = torch.tensor([p], device=e.device)
-        n = s.new_tokens
+        n = s.timing_tokens
 
         def hf_gen(k: int):
             def run():

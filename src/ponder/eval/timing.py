@@ -31,14 +31,14 @@ def summarize(samples: list[float]) -> dict[str, Any]:
             "samples": [round(s, 7) for s in samples]}
 
 
-def time_call(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[float, Any]:
-    """(seconds, result) of one synchronised call; a float result replaces the wall time."""
+def time_call(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[float, float, Any]:
+    """(measured seconds, wall seconds, result) of one synchronised call; a float result is the measured time."""
     sync(device)
     t0 = time.perf_counter()
     out = fn()
     sync(device)
     dt = time.perf_counter() - t0
-    return (float(out) if isinstance(out, float) else dt), out
+    return (float(out) if isinstance(out, float) else dt), dt, out
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int = 5,
@@ -47,8 +47,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int
     """Time several callables round-robin: returns {name: {median, min, max, samples}} in seconds.
 
     Each round runs every function once, starting from a different one each round. ``warmup`` rounds are
-    discarded. After ``repeats`` rounds, more are added (up to ``max_repeats``) until every function has
-    ``min_seconds`` of timed work, so very fast functions still get a stable median.
+    discarded. After ``repeats`` rounds, more are added (up to ``max_repeats``) until every function has run
+    for ``min_seconds`` of wall time, so very fast functions still get a stable median.
     """
     if not fns:
         raise ValueError("nothing to time")
@@ -56,18 +56,20 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    wall = dict.fromkeys(names, 0.0)
     cap = max(repeats, max_repeats or repeats)
     r = 0
     while True:
         k = r % len(names)
         order = names[k:] + names[:k]
         for n in order:
-            dt, _ = time_call(fns[n], device)
+            dt, w, _ = time_call(fns[n], device)
             if r >= warmup:
                 samples[n].append(dt)
+                wall[n] += w
         r += 1
         done = r - warmup
-        if done >= repeats and (min(sum(v) for v in samples.values()) >= min_seconds or done >= cap):
+        if done >= repeats and (min(wall.values()) >= min_seconds or done >= cap):
             break
     return {n: summarize(s) for n, s in samples.items()}
 

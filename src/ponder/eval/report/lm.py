@@ -366,7 +366,8 @@ def pick_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 SETTING_NAMES = {"data": "evaluation text", "prose": "prose text", "ppl_tokens": "perplexity tokens",
                  "prose_tokens": "prose tokens", "kl_tokens": "KL / top-1 tokens", "prompts": "greedy prompts",
                  "prompt_tokens": "prompt tokens", "new_tokens": "new tokens per prompt", "probes": "probes",
-                 "prefill_tokens": "prefill tokens", "decode_batch": "second decode batch", "warmup": "warm-up rounds",
+                 "prefill_tokens": "prefill tokens", "timing_tokens": "tokens per timed decode",
+                 "calib_tokens": "calibration tokens", "decode_batch": "second decode batch", "warmup": "warm-up rounds",
                  "repeats": "timed rounds (at least)", "min_timed_s": "seconds timed per side (at least)"}
 
 
