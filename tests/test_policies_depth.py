@@ -349,6 +349,23 @@ def test_self_speculative_sampling_end_to_end(eng):
     assert tv < 0.15, (tv, counts, exact)
 
 
+def test_self_speculative_auto_mode_drafts_only_when_the_cost_model_expects_a_gain(eng):
+    prompt, sc = CALIB[0][:6], SamplingConfig(max_new_tokens=12)
+    dense = generate(eng, [prompt], sc).tokens
+    for alpha, drafting in ((0.05, False), (0.99, True)):
+        pol = registry.get("self-speculative")
+        pol.calibration = {"alphas": {i: alpha for i in range(1, 8)}, "engine": id(eng)}
+        res = pol.generate(eng, [prompt], sc)
+        assert res.extra["layer_drafting"] is drafting and res.tokens == dense
+        assert ("rounds" in res.extra) is drafting
+        assert (res.extra["predicted_layer_draft_speedup"] > 1) is drafting
+    pol = registry.get("self-speculative", drafter="lookup+layers")
+    pol.calibration = {"alphas": {i: 0.05 for i in range(1, 8)}, "engine": id(eng)}
+    res = pol.generate(eng, [CALIB[1][:4] * 4], sc)  # layers not worth it: lookup drafts only
+    assert res.extra["lookup_rounds"] > 0 and res.extra["layer_rounds"] == 0
+    assert res.tokens == generate(eng, [CALIB[1][:4] * 4], sc).tokens
+
+
 def test_self_speculative_scoring_is_dense(eng):
     pol = registry.get("self-speculative", 0.5)
     assert pol.planner(eng) is None and pol.lossless

@@ -140,7 +140,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     k = k_lu = max(1, min(spec.draft_len, spec.max_draft))
     use_lookup, use_layers = "lookup" in spec.drafter, "layers" in spec.drafter
     hist = [list(p) for p in prompts]
-    lookup_rounds = 0
+    lookup_rounds = layer_rounds = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
         if B > 1:
@@ -169,6 +169,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
                 v = engine.forward(block, cache, None, work, logits="all", phase="decode").logits
             else:
                 kk = min(k, N - emitted - 1)
+                layer_rounds += 1
                 tok = x
                 for j in range(kk + 1):  # 1. draft
                     o = engine.forward(tok[:, None], cache, None, work, logits="last" if j < kk else None,
@@ -219,7 +220,8 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     extra = {"exit_layer": E, "acceptance_rate": accepted / drafted if drafted else None,
              "mean_accepted": accepted / rounds if rounds else None,
              "tokens_per_round": (accepted + rounds) / rounds if rounds else None,
-             "rounds": rounds, "drafted": drafted, "final_draft_len": k, "lookup_rounds": lookup_rounds}
+             "rounds": rounds, "drafted": drafted, "final_draft_len": k, "lookup_rounds": lookup_rounds,
+             "layer_rounds": layer_rounds}
     return GenerationResult(out, finish, stats, prefill_s=t1 - t0, decode_s=t2 - t1, extra=extra)
 
 
