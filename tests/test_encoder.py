@@ -129,8 +129,10 @@ def _pol(name: str, eng, **kw):
 @pytest.mark.parametrize("name,kw", [
     ("token-prune", {"keep_ratio": 0.7}), ("token-prune", {"keep_ratio": 0.6, "score": "norm"}),
     ("token-prune", {"keep_ratio": 0.6, "score": "cls", "pool": "drop"}),
-    ("token-merge", {"merge_ratio": 0.3}), ("token-merge", {"merge_ratio": 0.4, "metric": "hidden"}),
-    ("token-exit", {"threshold": 0.5}), ("layer-skip", {"skip_layers": (1, 3)})])
+    ("token-merge", {"merge_ratio": 0.3}), ("token-merge", {"merge_ratio": 0.4, "metric": "keys"}),
+    ("token-merge", {"mode": "threshold", "threshold": 0.2}),
+    ("token-exit", {"threshold": 0.5}), ("token-exit", {"threshold": 0.3, "criterion": "state", "rejoin": 1}),
+    ("token-prune", {"keep_ratio": 0.5, "rejoin": 1}), ("layer-skip", {"skip_layers": (1, 3)})])
 def test_policy_batch_compatible_and_really_smaller(bert, name, kw):
     _, eng = bert
     pol = _pol(name, eng, **kw)
@@ -232,6 +234,24 @@ def test_exit_frozen_tokens_are_still_attended(bert):
     torch.testing.assert_close(tokens[1:-1], frozen[0])
     torch.testing.assert_close(tokens[0], live[0, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tokens[-1], live[0, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_rejoin_runs_the_last_layers_on_every_token(bert):
+    """Tokens frozen after layer 0 skip layer 1 (still keys/values there) and re-enter for layers 2 and 3."""
+    from ponder.models.bert import attn_block, embed_tokens, ffn_block
+
+    _, eng = bert
+    seqs, _ = eng.tokenizer.encode_special(SENTS[1:2])
+    pol = registry.get("token-exit", 0.5, threshold=-2.0, start=0, criterion="state", rejoin=2)
+    tokens = eng.encode(seqs, pol.reducer(eng), tokens_out=True)[0]
+    W = eng.W
+    x = ffn_block(W, 0, attn_block(W, 0, embed_tokens(W, torch.tensor(seqs), None), None, None)[0])
+    live = torch.cat([x[:, :1], x[:, -1:]], 1)
+    live = ffn_block(W, 1, attn_block(W, 1, live, x[:, 1:-1], None)[0])
+    x = torch.cat([live[:, :1], x[:, 1:-1], live[:, 1:]], 1)
+    for i in (2, 3):
+        x = ffn_block(W, i, attn_block(W, i, x, None, None)[0])
+    torch.testing.assert_close(tokens, x[0], atol=2e-5, rtol=1e-4)
 
 
 def test_layer_skip_equals_shorter_model(tmp_path):

@@ -203,6 +203,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     eng = load_encoder(args.model, args.dtype)
     if args.no_truncate:  # refuse before anything is written
         tokenize(eng, texts, truncate=False, where=where)
+    from ..policies.encoder import registry as _enc_registry
+
+    _enc_registry.policy_class(args.policy)  # unknown names and bad budgets fail before any progress line
+    if not 0 < args.budget <= 1:
+        raise PonderError(f"budget must be in (0, 1], got {args.budget:g}")
+    if args.policy != "dense" and args.budget < 1.0 and not args.no_progress:
+        print(f"ponder: fitting {args.policy} to budget {args.budget:g} on the calibration split...", file=sys.stderr)
     pol = get_policy(eng, args.policy, args.budget, **params)
     h = hashlib.sha256()
     for t in texts:

@@ -162,6 +162,33 @@ class TokenState:
         self.slot = remap(self.slot, old_to_new)
         self._gather(order)
 
+    def rejoin(self) -> None:
+        """Bring every frozen position back as a live row (from its frozen state), so the last layers run on
+        all tokens again. Frozen key/value rows are dropped: those tokens are live now."""
+        if self.final is None or self.final_layer is None:
+            return
+        back = (self.slot < 0) & (self.final_layer >= 0)
+        if not bool(back.any()):
+            return
+        B, n = self.x.shape[:2]
+        b_order, b_valid, b_o2n = compaction(back)
+        add = gather_rows(self.final, b_order)
+        add_valid = b_valid if b_valid is not None else torch.ones(add.shape[:2], dtype=torch.bool,
+                                                                    device=add.device)
+        self.slot = torch.where(back, n + b_o2n, self.slot)
+        self.final_layer = self.final_layer.masked_fill(back, -1)
+        self.x = torch.cat([self.x, add], 1)
+        self.special = torch.cat([self.special, torch.zeros_like(add_valid)], 1)
+        if self.size is not None:
+            self.size = torch.cat([self.size, self.size.new_ones(add_valid.shape)], 1)
+        self.rows = {}
+        self.ctx = self.ctx_valid = None
+        order, self.valid, old_to_new = compaction(torch.cat([self.live, add_valid], 1) if self.valid is not None
+                                                   else torch.cat([torch.ones(B, n, dtype=torch.bool,
+                                                                              device=add.device), add_valid], 1))
+        self.slot = remap(self.slot, old_to_new)
+        self._gather(order)
+
     def freeze_rows(self, frozen: torch.Tensor) -> None:
         """Early exit: ``frozen`` rows (B, n) stop being computed but stay keys/values of every later layer."""
         frozen = frozen & self.live
@@ -214,6 +241,7 @@ class Reducer(Protocol):
     maps: dict | None  # affine maps for frozen states (see EncoderEngine.extrapolators), or None
 
     def skip(self, i: int) -> bool: ...
+    def rejoin(self, i: int) -> bool: ...  # before layer i, frozen tokens come back as live rows
     def wants_probs(self, i: int) -> bool: ...
     def mid(self, i: int, st: TokenState, keys: torch.Tensor, probs: torch.Tensor | None,
             stats: EncoderStats | None) -> None: ...
@@ -226,6 +254,9 @@ class ReducerBase:
     maps: dict | None = None
 
     def skip(self, i: int) -> bool:
+        return False
+
+    def rejoin(self, i: int) -> bool:
         return False
 
     def wants_probs(self, i: int) -> bool:
@@ -328,6 +359,8 @@ class EncoderEngine:
                     if stats is not None:
                         stats.skip()
                     continue
+                if reducer.rejoin(i):
+                    st.rejoin()
                 if st.x.shape[1] == 0:
                     break  # every row has exited
                 if stats is not None:

@@ -51,13 +51,14 @@ def keep_top(score: torch.Tensor, eligible: torch.Tensor, n_keep: torch.Tensor) 
     return torch.zeros_like(eligible).scatter_(1, order, top) & eligible
 
 
-def bipartite_soft_matching(metric: torch.Tensor, mergeable: torch.Tensor, r: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def bipartite_soft_matching(metric: torch.Tensor, mergeable: torch.Tensor, r: torch.Tensor,
+                            threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe's bipartite soft matching with per-row merge counts.
 
     Rows alternate between set A (even) and set B (odd); each A row proposes its most similar B row (cosine of
     ``metric``); the ``r[b]`` best proposals of row b are merged. ``mergeable`` (B, n) excludes padding and
-    protected rows ([CLS]/[SEP]) on both sides. Returns (merged (B, n) bool: the A rows that disappear,
+    protected rows ([CLS]/[SEP]) on both sides. With ``threshold`` only proposals with a cosine above it merge (DyMU's
+    dynamic merging: a redundant text merges more, a dense one less). Returns (merged (B, n) bool: the A rows that disappear,
     dst (B, n) long: the row each row now lives in - itself unless merged).
     """
     B, n, _ = metric.shape
@@ -68,7 +69,10 @@ def bipartite_soft_matching(metric: torch.Tensor, mergeable: torch.Tensor, r: to
     scores = scores.masked_fill(~ok_b[:, None, :], float("-inf"))
     node_max, node_idx = scores.max(dim=-1)  # (B, nA)
     node_max = node_max.masked_fill(~ok_a, float("-inf"))
-    chosen = keep_top(node_max, ok_a & torch.isfinite(node_max), r)  # (B, nA)
+    eligible = ok_a & torch.isfinite(node_max)
+    if threshold is not None:
+        eligible &= node_max > threshold
+    chosen = keep_top(node_max, eligible, r)  # (B, nA)
     dst = torch.arange(n, device=metric.device).expand(B, n).clone()
     dst[:, ::2] = torch.where(chosen, 2 * node_idx + 1, dst[:, ::2])
     merged = torch.zeros(B, n, dtype=torch.bool, device=metric.device)

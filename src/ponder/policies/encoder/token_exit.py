@@ -6,7 +6,8 @@ of its current state (see ``EncoderEngine.extrapolators``), compared with the pr
 a training-free stand-in for DToP's auxiliary heads; with ``criterion="state"`` it is the raw hidden state,
 cos(x_l, x_{l-1}). A frozen token no longer runs as a query nor through the FFN, but its frozen state is still a key and
 value for every later layer (each later layer projects K/V for it: 1/6 of a token-layer's projection work), so the
-live tokens keep their full context. Its frozen state is its final state for pooling. [CLS] and [SEP] never exit.
+live tokens keep their full context. Its frozen state is its final state for pooling, or, with ``rejoin=k``, it
+re-enters as a live token for the last k layers (it skipped only middle layers). [CLS] and [SEP] never exit.
 ``threshold`` is fitted to the budget on the calibration split.
 """
 
@@ -35,6 +36,7 @@ class TokenExit(EncoderPolicy):
     start: int = 1  # first layer after which a token may exit
     pool: str = "linear"  # linear | frozen: how a frozen state enters pooling
     criterion: str = "predicted"  # predicted | state: what must stop changing
+    rejoin: int = 0  # the last `rejoin` layers run on every token again (frozen ones re-enter)
     threshold: float | None = None  # None: fitted to the budget
 
     def __post_init__(self) -> None:
@@ -47,8 +49,11 @@ class TokenExit(EncoderPolicy):
     def reducer(self, engine):
         if self.knob() is None:
             return None
+        L = engine.cfg.num_hidden_layers
+        if not 0 <= self.rejoin < L - 1:
+            raise PonderError(f"token-exit rejoin must be in 0..{L - 2}, not {self.rejoin}")
         maps = self.linear_maps(engine) if self.pool == "linear" or self.criterion == "predicted" else None
-        return _Exit(self, engine.cfg.num_hidden_layers, maps if self.pool == "linear" else None,
+        return _Exit(self, L, maps if self.pool == "linear" and not self.rejoin else None,
                      maps if self.criterion == "predicted" else None)
 
 
@@ -56,8 +61,11 @@ class _Exit(ReducerBase):
     def __init__(self, pol: TokenExit, L: int, maps: dict | None, predictors: dict | None):
         self.pol, self.L, self.maps, self.pred = pol, L, maps, predictors
 
+    def rejoin(self, i: int) -> bool:
+        return bool(self.pol.rejoin) and i == self.L - self.pol.rejoin
+
     def after(self, i, st, x_in, stats) -> None:
-        if i >= self.L - 1:
+        if i >= self.L - 1 - self.pol.rejoin:  # freezing after this would save nothing
             return
         if self.pred is not None:  # compare predicted last-layer states of this layer and the previous one
             if i < self.pol.start - 1:

@@ -7,7 +7,9 @@ into their partners by a size-weighted average. Later attention adds log(size) t
 (proportional attention: it gets the attention its originals would have had). For pooling, each original position
 takes its merged representative (DyMU's virtual unmerging), so the mean still runs over original positions, i.e.
 it is a size-weighted mean over merged tokens. [CLS] and [SEP] are never merged. ``merge_ratio`` is fitted to the
-budget (at most 0.5: bipartite matching merges at most half the tokens per layer).
+budget (at most 0.5: bipartite matching merges at most half the tokens per layer). With ``mode="threshold"`` the
+count is dynamic instead (DyMU's DToMe): every proposal with a cosine above ``threshold`` merges, so redundant texts
+shrink more; the threshold is fitted to the budget on average.
 """
 
 from __future__ import annotations
@@ -30,14 +32,24 @@ class TokenMerge(EncoderPolicy):
     """ToMe bipartite soft matching between attention and FFN; size-weighted attention; unmerged for pooling."""
 
     name: ClassVar[str] = "token-merge"
-    knob_name: ClassVar[str] = "merge_ratio"
-    knob_range: ClassVar[tuple] = (0.0, 0.5, False, 9)
     metric: str = "hidden"
     layers: tuple[int, ...] | None = None  # merging layers; None: all
-    merge_ratio: float | None = None  # share of a text's live tokens merged per merging layer; None: fitted
+    mode: str = "ratio"  # ratio: a fixed share per layer (ToMe) | threshold: every pair above a cosine (DyMU)
+    merge_ratio: float | None = None  # mode=ratio: share of a text's live tokens merged per layer; None: fitted
+    threshold: float | None = None  # mode=threshold: merge proposals with cosine above it; None: fitted
+
+    @property
+    def knob_name(self) -> str:  # type: ignore[override]
+        return "threshold" if self.mode == "threshold" else "merge_ratio"
+
+    @property
+    def knob_range(self) -> tuple:  # type: ignore[override]
+        return (-1.0, 1.0, True, 11) if self.mode == "threshold" else (0.0, 0.5, False, 9)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mode not in ("ratio", "threshold"):
+            raise PonderError(f"token-merge mode must be 'ratio' or 'threshold', not {self.mode!r}")
         if self.metric not in ("keys", "hidden"):
             raise PonderError(f"token-merge metric must be 'keys' or 'hidden', not {self.metric!r}")
         self.layers = layer_tuple(self.layers)
@@ -58,11 +70,15 @@ class _Merge(ReducerBase):
         if i not in self.points:
             return
         live = st.live
-        r = torch.floor(st.counts() * self.pol.merge_ratio + 1e-9).long()
-        if not bool((r > 0).any()):
-            return
+        thr = self.pol.threshold if self.pol.mode == "threshold" else None
+        if thr is None:
+            r = torch.floor(st.counts() * self.pol.merge_ratio + 1e-9).long()
+            if not bool((r > 0).any()):
+                return
+        else:
+            r = st.counts()
         metric = keys if self.pol.metric == "keys" else st.x
-        merged, dst = bipartite_soft_matching(metric, live & ~st.special, r)
+        merged, dst = bipartite_soft_matching(metric, live & ~st.special, r, thr)
         if stats is not None:
             n = metric.shape[1]
             stats.add_overhead(2.0 * metric.shape[0] * ((n + 1) // 2) * (n // 2) * metric.shape[2])

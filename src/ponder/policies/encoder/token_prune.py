@@ -5,6 +5,10 @@ attention [CLS] pays it (``"cls"``), or, learning- and attention-free, the norm 
 The keep schedule is geometric: after the j-th pruning layer a text keeps ``keep_ratio ** (j + 1)`` of its
 original tokens (at least its [CLS] and [SEP], which are never pruned); ``keep_ratio`` is fitted to the budget.
 
+With ``rejoin=k`` the pruned tokens skip only the middle layers: before the last k layers they re-enter from their
+frozen states, so every token gets the last layers (in MiniLM-L6 the last layer rewrites every token: skipping it
+costs far more than skipping a middle one).
+
 Pooling after pruning: with ``pool="frozen"`` (default) a pruned token keeps its state from the layer it left, and
 mean pooling still averages over every original position; with ``pool="drop"`` the mean runs over the tokens that
 reached the last layer only. Frozen is free and was measured closer to dense (see the bench report).
@@ -39,6 +43,7 @@ class TokenPrune(EncoderPolicy):
     layers: tuple[int, ...] | None = None  # pruning layers; None: all that can save work
     pool: str = "linear"
     at: str = "attn"  # prune after the layer's attention (before its FFN, as PoWER-BERT) or after the layer
+    rejoin: int = 0  # the last `rejoin` layers run on every token again (pruned ones re-enter, frozen states)
     keep_ratio: float | None = None  # per pruning layer; None: fitted to the budget
 
     def __post_init__(self) -> None:
@@ -52,21 +57,29 @@ class TokenPrune(EncoderPolicy):
         self.layers = layer_tuple(self.layers)
 
     def points(self, L: int) -> tuple[int, ...]:
-        pts = self.layers if self.layers is not None else tuple(range(L - 1 if self.at == "layer" else L))
-        if any(not 0 <= i < L for i in pts):
-            raise PonderError(f"token-prune layers {pts} outside 0..{L - 1}")
+        if not 0 <= self.rejoin < L:
+            raise PonderError(f"token-prune rejoin must be in 0..{L - 1}, not {self.rejoin}")
+        end = L - self.rejoin  # pruning stops where the tokens rejoin
+        pts = self.layers if self.layers is not None else tuple(range(end - 1 if self.at == "layer" or self.rejoin
+                                                                      else end))
+        if any(not 0 <= i < end for i in pts):
+            raise PonderError(f"token-prune layers {pts} outside 0..{end - 1}")
         return pts
 
     def reducer(self, engine):
         if self.knob() is None:
             return None
-        return _Prune(self, self.points(engine.cfg.num_hidden_layers),
-                      self.linear_maps(engine) if self.pool == "linear" else None)
+        L = engine.cfg.num_hidden_layers
+        return _Prune(self, self.points(L), self.linear_maps(engine) if self.pool == "linear" and not self.rejoin
+                      else None, L - self.rejoin if self.rejoin else None)
 
 
 class _Prune(ReducerBase):
-    def __init__(self, pol: TokenPrune, points: tuple[int, ...], maps: dict | None):
-        self.pol, self.points, self.maps = pol, points, maps
+    def __init__(self, pol: TokenPrune, points: tuple[int, ...], maps: dict | None, rejoin_at: int | None):
+        self.pol, self.points, self.maps, self.rejoin_at = pol, points, maps, rejoin_at
+
+    def rejoin(self, i: int) -> bool:
+        return i == self.rejoin_at
 
     def wants_probs(self, i: int) -> bool:
         return self.pol.score != "norm" and i in self.points
@@ -98,4 +111,4 @@ class _Prune(ReducerBase):
         keep = keep_top(score, live & ~special, n_keep) | special
         if bool((keep == live).all()):
             return
-        st.keep_rows(keep, freeze=self.pol.pool != "drop")
+        st.keep_rows(keep, freeze=self.pol.pool != "drop" or self.rejoin_at is not None)
