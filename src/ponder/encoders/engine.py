@@ -143,10 +143,13 @@ class TokenState:
         (``freeze``), or their positions stop counting in pooling."""
         pos = (self.slot >= 0) & gone.gather(1, self.slot.clamp_min(0))
         if freeze:
-            cur = gather_rows(self.x, self.slot.clamp_min(0))
-            self.final = torch.where(pos[..., None], cur, self.final if self.final is not None else cur)
-            fl = self.final_layer if self.final_layer is not None else torch.full_like(self.slot, -1)
-            self.final_layer = fl.masked_fill(pos, self.stage)
+            if self.final is None:
+                B, T0 = self.slot.shape
+                self.final = self.x.new_zeros(B, T0, self.x.shape[-1])
+                self.final_layer = torch.full_like(self.slot, -1)
+            b, t = pos.nonzero(as_tuple=True)  # copy only the leaving rows (a handful per text)
+            self.final[b, t] = self.x[b, self.slot[b, t]]
+            self.final_layer[b, t] = self.stage
         else:
             self.pool_w = self.pool_w.masked_fill(pos, 0.0)
 

@@ -90,7 +90,7 @@ class _Prune(ReducerBase):
         if probs is not None:
             live = st.live
             if self.pol.score == "attn":
-                st.scratch["score"] = (probs * live[:, None, :, None]).sum(2).mean(1)[:, :live.shape[1]]
+                st.scratch["score"] = torch.einsum("bhqk,bq->bk", probs, live.to(probs.dtype))[:, :live.shape[1]]
             else:
                 st.scratch["score"] = probs[:, :, 0, :live.shape[1]].mean(1)
         if self.pol.at == "attn":
