@@ -56,20 +56,20 @@ class BenchSettings:
     data: str = ""  # main evaluation text (default: data/eval/code.txt)
     prose: str | None = None  # second text for perplexity (default in the full profile: data/eval/prose.txt)
     probes_file: str | None = None
-    ppl_tokens: int = 16384
+    ppl_tokens: int = 8192
     prose_tokens: int = 4096
     kl_tokens: int = 4096
-    prompts: int = 12
+    prompts: int = 8
     prompt_tokens: int = 64
     new_tokens: int = 32  # per greedy prompt
     timing_tokens: int = 32  # generated per timed decode (batch 1 and batch ``decode_batch``)
     calib_tokens: int = 4096  # calibration text for policies that fit thresholds (never the evaluation data)
-    probes: int = 48
+    probes: int = 32
     prefill_tokens: int = 128
     decode_batch: int = 8
     warmup: int = 1
     repeats: int = 5
-    min_timed_s: float = 0.6  # per measurement and side: add rounds until this much time was measured
+    min_timed_s: float = 0.4  # per measurement and side: add rounds until each side ran this long
     peer: bool = True
     profile: str = "full"
 

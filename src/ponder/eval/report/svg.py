@@ -12,8 +12,8 @@ from html import escape
 from typing import Callable, Sequence
 
 # Okabe-Ito, a palette that colour-blind readers can tell apart; dense is always black.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#882255", "#44AA99",
-           "#999933", "#AA4499", "#332288")
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#882255", "#44AA99", "#999933",
+           "#332288", "#AA4499", "#B8860B")  # Okabe-Ito without its pale yellow, then Tol's muted colours
 FIXED = {"dense": "#000000", "dense-control": "#555555", "transformers-generate": "#7f7f7f", "random": "#8c8c8c"}
 MARKERS = ("circle", "square", "triangle", "diamond", "down", "circle", "square", "triangle", "diamond", "down")
 
@@ -54,6 +54,7 @@ class Series:
     marker: str = "circle"
     line: bool = True
     hollow: bool = False
+    on_top: bool = False  # drawn after the others (a reference point must stay visible)
 
 
 @dataclass
@@ -247,7 +248,7 @@ def render(ch: Chart) -> str:
         pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in ch.frontier)
         o.append(f'<polyline points="{pts}" fill="none" stroke="#bbbbbb" stroke-width="7" stroke-linejoin="round" '
                  f'stroke-linecap="round" opacity="0.55"/>')
-    for s in ch.series:
+    for s in sorted(ch.series, key=lambda s: s.on_top):
         pts = [p for p in s.points if p.x is not None and p.y is not None]
         if s.line and len(pts) > 1:
             path = " ".join(f"{X(p.x):.1f},{Y(p.y):.1f}" for p in pts)
