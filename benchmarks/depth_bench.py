@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timing-prompts", type=int, default=3, help="prompts per timed call (batch 1, one by one)")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="skip perplexity, realized budget and greedy checks")
     ap.add_argument("--json", default=None, help="write all rows to this file")
     a = ap.parse_args(argv)
     if a.threads:
@@ -79,36 +81,25 @@ def main(argv: list[str] | None = None) -> int:
     prompts = cut_prompts(ids, a.prompts, a.prompt_tokens, skip=a.tokens)  # beyond the scored prefix
     calib = calibration_ids(eng)
     sc = SamplingConfig(max_new_tokens=a.new_tokens)
-    dense_greedy = [generate(eng, [p], sc).tokens[0] for p in prompts]
-    dense_ppl = evaluate_text(eng, code, None, max_tokens=a.tokens)["perplexity"]
+    dense_greedy = [] if a.timing_only else [generate(eng, [p], sc).tokens[0] for p in prompts]
+    dense_ppl = None if a.timing_only else evaluate_text(eng, code, None, max_tokens=a.tokens)["perplexity"]
     env = environment(eng.device, eng.dtype)
     print(json.dumps({"env": {k: env.get(k) for k in ("cpu", "threads", "torch", "device", "dtype") if k in env},
-                      "dense_ppl": round(dense_ppl, 4), "tokens": a.tokens}), flush=True)
+                      "dense_ppl": dense_ppl and round(dense_ppl, 4), "tokens": a.tokens}), flush=True)
 
-    def per_token(pol, prompt):
+    def per_token(pol, ps):
+        """Seconds per decode step over the timing prompts (decode time over tokens produced after the first)."""
         def run():
-            st = Stats(eng.cfg, record_tokens=False)
-            res = (generate(eng, [prompt], sc, None, st) if pol is None else pol.generate(eng, [prompt], sc, st))
-            return res.decode_s / max(1, len(res.tokens[0]) - 1)
+            secs = steps = 0.0
+            for prompt in ps:
+                st = Stats(eng.cfg, record_tokens=False)
+                res = (generate(eng, [prompt], sc, None, st) if pol is None else pol.generate(eng, [prompt], sc, st))
+                secs += res.decode_s
+                steps += max(1, len(res.tokens[0]) - 1)
+            return secs / steps
         return run
 
-    rows = []
-    for spec in a.points.split(","):
-        name, budget, kw = parse_point(spec.strip())
-        row: dict = {"point": spec, "policy": name, "budget": budget, **kw}
-        t0 = time.perf_counter()
-        try:
-            pol = registry.get(name, budget, **kw)
-            pol.calibrate(eng, calib)
-        except PonderError as e:
-            row["error"] = str(e)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            continue
-        row["calibrate_s"] = round(time.perf_counter() - t0, 2)
-        cal = {k: v for k, v in (getattr(pol, "calibration", {}) or {}).items() if k != "engine"}
-        if cal:
-            row["calibration"] = cal
+    def quality_fields(row, pol):
         ev = evaluate_text(eng, code, pol, max_tokens=a.tokens)
         row.update(ppl=round(ev["perplexity"], 4), ppl_delta_pct=round(100 * (ev["perplexity"] / dense_ppl - 1), 3),
                    flops_fraction=round(ev["flops_fraction"], 4))
@@ -129,9 +120,30 @@ def main(argv: list[str] | None = None) -> int:
             keys = [k for k, v in extras[0].items() if isinstance(v, (int, float)) and v is not None]
             row["extra"] = {k: round(sum(e[k] for e in extras if e.get(k) is not None) / len(extras), 4)
                             for k in keys}
-        if not a.no_timing and pol.real and name != "dense":
-            t = timing.interleaved({"dense": per_token(None, prompts[0]), "policy": per_token(pol, prompts[0])},
-                                   warmup=1, repeats=a.repeats, device=eng.device, min_seconds=1.0, max_repeats=15)
+
+    rows = []
+    for spec in a.points.split(","):
+        name, budget, kw = parse_point(spec.strip())
+        row: dict = {"point": spec, "policy": name, "budget": budget, **kw}
+        t0 = time.perf_counter()
+        try:
+            pol = registry.get(name, budget, **kw)
+            pol.calibrate(eng, calib)
+        except PonderError as e:
+            row["error"] = str(e)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            continue
+        row["calibrate_s"] = round(time.perf_counter() - t0, 2)
+        cal = {k: v for k, v in (getattr(pol, "calibration", {}) or {}).items() if k != "engine"}
+        if cal:
+            row["calibration"] = cal
+        if not a.timing_only:
+            quality_fields(row, pol)
+        if not a.no_timing and pol.real:  # dense against itself is the noise control: it must read ~1.0
+            tp = prompts[:a.timing_prompts]
+            t = timing.interleaved({"dense": per_token(None, tp), "policy": per_token(pol, tp)},
+                                   warmup=1, repeats=a.repeats, device=eng.device, min_seconds=1.0, max_repeats=25)
             row.update(decode_ms_dense=round(1e3 * t["dense"]["median"], 3),
                        decode_ms=round(1e3 * t["policy"]["median"], 3),
                        decode_speedup_b1=round(t["dense"]["median"] / t["policy"]["median"], 3),

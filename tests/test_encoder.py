@@ -113,7 +113,7 @@ def test_compaction_and_merge_functions():
     assert dst[0].tolist() == [1, 1, 3, 3, 4, 5] or dst[0, 2] in (3, 5)
     size = torch.tensor([[1.0, 2.0, 1.0, 1.0, 1.0, 1.0]])
     xm, sm = merge_wavg(x, size, merged, dst)
-    assert float(sm[0, 1]) == 3.0 and float(sm[0, ~merged[0]].sum()) == float(size.sum())
+    assert float(sm[0, 1]) == 3.0 and float(sm[0, ~merged[0]].sum()) == float(size.sum())  # kept rows only
     torch.testing.assert_close(xm[0, 1], (x[0, 0] + 2 * x[0, 1]) / 3)
     # protected rows neither merge nor receive
     mergeable[0, 1] = False

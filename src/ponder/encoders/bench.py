@@ -28,8 +28,9 @@ from typing import Any
 from ..errors import PonderError
 
 CONTROL = "dense-control"
-DEFAULT_POLICIES = ("token-prune", "token-prune:score=norm", "token-merge", "token-exit", "layer-skip")
-DEFAULT_BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+DEFAULT_POLICIES = ("token-prune", "token-prune:score=norm", "token-merge", "token-merge:mode=threshold",
+                    "token-exit", "layer-skip")
+DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 QUICK_BUDGETS = (0.8, 0.6)
 NOISE_BAND = (0.9, 1.1)
 TARGET = {"speedup_b32": 1.8, "cos_mean": 0.99, "recall_drop_points": 1.0}

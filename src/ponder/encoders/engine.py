@@ -245,7 +245,7 @@ class Reducer(Protocol):
 
     def skip(self, i: int) -> bool: ...
     def rejoin(self, i: int) -> bool: ...  # before layer i, frozen tokens come back as live rows
-    def wants_probs(self, i: int) -> bool: ...
+    def wants_probs(self, i: int) -> bool | str: ...  # "first": only [CLS]'s probabilities
     def mid(self, i: int, st: TokenState, keys: torch.Tensor, probs: torch.Tensor | None,
             stats: EncoderStats | None) -> None: ...
     def after(self, i: int, st: TokenState, x_in: torch.Tensor, stats: EncoderStats | None) -> None: ...
@@ -382,6 +382,8 @@ class EncoderEngine:
                     stats.token_layers += float((st.slot >= 0).sum())
                 st.stage = 2 * i + 1
                 reducer.after(i, st, x_in if st.x.shape[1] == x_in.shape[1] else None, stats)
+            if not tokens_out and self.pooling.mode in ("mean", "mean_sqrt_len"):
+                return self._mean_pool(st, reducer.maps, stats)
             tokens = st.tokens(reducer.maps)
             if stats is not None and reducer.maps and st.final_layer is not None:
                 stats.add_overhead(2.0 * float((st.final_layer >= 0).sum()) * self.cfg.hidden_size ** 2)
@@ -389,3 +391,28 @@ class EncoderEngine:
         if tokens_out:
             return tokens
         return pool(tokens, pool_w, self.pooling.mode, self.pooling.normalize)
+
+    def _mean_pool(self, st: TokenState, maps: dict | None, stats: EncoderStats | None) -> torch.Tensor:
+        """Mean pooling over the original positions without building the (B, T0, D) token states: each live row
+        counts once per position it stands for, and the frozen states are summed per stage, where the stage's
+        affine map is applied once to the sum (the map is affine, so this equals mapping every token)."""
+        D = self.cfg.hidden_size
+        live_pos = (st.slot >= 0).to(st.pool_w.dtype) * st.pool_w
+        w_rows = st.pool_w.new_zeros(st.x.shape[:2]).scatter_add_(1, st.slot.clamp_min(0), live_pos)
+        total = torch.bmm(w_rows[:, None, :], st.x)[:, 0]
+        if st.final is not None:
+            fl = st.final_layer
+            for stage in fl.unique().tolist():
+                if stage < 0:
+                    continue
+                m = (fl == stage).to(st.pool_w.dtype) * st.pool_w
+                part = torch.bmm(m[:, None, :], st.final)[:, 0]
+                if maps and stage in maps:
+                    A, b = maps[stage]
+                    part = torch.addmm(m.sum(1, keepdim=True) * b, part, A)
+                    if stats is not None:
+                        stats.add_overhead(2.0 * m.shape[0] * D * D)
+                total = total + part
+        n = st.pool_w.sum(1, keepdim=True).clamp_min(1e-9)
+        out = total / (n if self.pooling.mode == "mean" else n.sqrt())
+        return torch.nn.functional.normalize(out, p=2, dim=1) if self.pooling.normalize else out

@@ -9,6 +9,7 @@ next layer's matrices really are smaller; the shorter rows get padding that the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def compaction(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -62,7 +63,7 @@ def bipartite_soft_matching(metric: torch.Tensor, mergeable: torch.Tensor, r: to
     dst (B, n) long: the row each row now lives in - itself unless merged).
     """
     B, n, _ = metric.shape
-    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    m = F.normalize(metric, dim=-1, eps=1e-6)
     a, b = m[:, ::2], m[:, 1::2]
     ok_a, ok_b = mergeable[:, ::2], mergeable[:, 1::2]
     scores = a @ b.transpose(1, 2)
@@ -84,7 +85,6 @@ def merge_wavg(x: torch.Tensor, size: torch.Tensor, merged: torch.Tensor, dst: t
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of every merged row into its destination. x (B, n, D), size (B, n)."""
     w = size * merged  # only merged rows contribute to another row
-    tot = size.scatter_add(1, dst, w) - w  # the merged rows' own size leaves with them
-    xs = x * size[..., None]
-    xsum = xs.scatter_add(1, dst[..., None].expand_as(x), x * w[..., None]) - x * w[..., None]
-    return xsum / tot.clamp_min(1e-6)[..., None], tot
+    tot = size.scatter_add(1, dst, w)  # (the merged rows' own entries are left stale: they are dropped next)
+    xsum = (x * size[..., None]).scatter_add_(1, dst[..., None].expand_as(x), x * w[..., None])
+    return xsum.div_(tot.clamp_min(1e-6)[..., None]), tot

@@ -352,10 +352,15 @@ def split_heads(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.view(B, n, H, D // H).transpose(1, 2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, want_probs: bool
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, want_probs: bool | str
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Multi-head attention (B, H, n, hd) x (B, H, m, hd). With ``want_probs`` the probabilities are computed
-    explicitly (a scoring layer of token pruning needs them); otherwise the fused SDPA kernel runs."""
+    explicitly (a scoring layer of token pruning needs them); ``want_probs="first"`` keeps the fused kernel and
+    adds only the first query's ([CLS]'s) probabilities (B, H, 1, m); otherwise the fused SDPA kernel runs alone."""
+    if want_probs == "first":
+        s = (q[:, :, :1] @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        p = (s + bias).softmax(-1) if bias is not None else s.softmax(-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), p
     if not want_probs:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
     s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
@@ -371,7 +376,7 @@ def merge_heads(o: torch.Tensor) -> torch.Tensor:
 
 
 def attn_block(W: BertWeights, i: int, x: torch.Tensor, ctx: torch.Tensor | None, bias: torch.Tensor | None,
-               want_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+               want_probs: bool | str = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Self-attention half of layer ``i`` for the query rows ``x`` (B, n, D); ``ctx`` (B, m, D) are extra rows that
     are only keys/values (frozen tokens). Returns (LN1 output for x, probs or None, keys of x (B, n, D))."""
     cfg, w = W.cfg, W.layers[i]

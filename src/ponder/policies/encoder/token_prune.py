@@ -1,17 +1,22 @@
 """Token pruning (PoWER-BERT-style): after the attention of chosen layers, drop the tokens that matter least.
 
-Importance is the attention a token receives (averaged over heads and live queries: ``score="attn"``), the
-attention [CLS] pays it (``"cls"``), or, learning- and attention-free, the norm of its hidden state (``"norm"``).
+Importance is the attention [CLS] pays a token (``score="cls"``, default: measured closest to dense, and cheap: the
+fused attention kernel still runs and only [CLS]'s row of probabilities is added), the attention it receives
+averaged over heads and live queries (``"attn"``: needs the full probability matrix, computed explicitly), or,
+learning- and attention-free, the norm of its hidden state (``"norm"``).
 The keep schedule is geometric: after the j-th pruning layer a text keeps ``keep_ratio ** (j + 1)`` of its
 original tokens (at least its [CLS] and [SEP], which are never pruned); ``keep_ratio`` is fitted to the budget.
 
 With ``rejoin=k`` the pruned tokens skip only the middle layers: before the last k layers they re-enter from their
-frozen states, so every token gets the last layers (in MiniLM-L6 the last layer rewrites every token: skipping it
-costs far more than skipping a middle one).
+frozen states, so every token gets the last layers. Measured worse than ``pool="linear"`` on MiniLM (0.88 against
+0.95 mean cosine at budget 0.8): its last layer, fed a state from an early layer, is out of its distribution.
 
-Pooling after pruning: with ``pool="frozen"`` (default) a pruned token keeps its state from the layer it left, and
-mean pooling still averages over every original position; with ``pool="drop"`` the mean runs over the tokens that
-reached the last layer only. Frozen is free and was measured closer to dense (see the bench report).
+Pooling after pruning (mean pooling runs over the original positions): with ``pool="linear"`` (default) a pruned
+token's frozen state is carried to the last layer's space by an affine map fitted in closed form on the
+calibration split (``EncoderEngine.extrapolators``); ``pool="frozen"`` uses the frozen state as is; ``pool="drop"``
+averages over the tokens that reached the last layer only. Measured on all-MiniLM-L6-v2 (budget 0.7, 256
+passages): frozen 0.49 mean cosine to dense, drop 0.90, linear 0.91 - MiniLM's last layers move every token so far
+that a state from layer 2 is nothing like a final one (its last layer alone turns the pooled vector by ~55 degrees).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class TokenPrune(EncoderPolicy):
     name: ClassVar[str] = "token-prune"
     knob_name: ClassVar[str] = "keep_ratio"
     knob_range: ClassVar[tuple] = (0.02, 1.0, True, 9)
-    score: str = "attn"
+    score: str = "cls"
     layers: tuple[int, ...] | None = None  # pruning layers; None: all that can save work
     pool: str = "linear"
     at: str = "attn"  # prune after the layer's attention (before its FFN, as PoWER-BERT) or after the layer
@@ -81,8 +86,10 @@ class _Prune(ReducerBase):
     def rejoin(self, i: int) -> bool:
         return i == self.rejoin_at
 
-    def wants_probs(self, i: int) -> bool:
-        return self.pol.score != "norm" and i in self.points
+    def wants_probs(self, i: int) -> bool | str:
+        if i not in self.points or self.pol.score == "norm":
+            return False
+        return "first" if self.pol.score == "cls" else True
 
     def mid(self, i, st, keys, probs, stats) -> None:
         if i not in self.points:
