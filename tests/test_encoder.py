@@ -147,6 +147,21 @@ def test_policy_batch_compatible_and_really_smaller(bert, name, kw):
     assert st.padded_fraction < 0.95 and st.flops_fraction < 0.95
 
 
+@pytest.mark.parametrize("name,kw", [("token-prune", {"keep_ratio": 0.6}), ("token-exit", {"threshold": 0.3}),
+                                     ("token-merge", {"merge_ratio": 0.3})])
+def test_mean_pool_shortcut_equals_pooling_the_token_states(bert, name, kw):
+    """The pooled fast path (affine maps applied to per-stage sums) equals mapping and pooling every token."""
+    _, eng = bert
+    seqs, _ = eng.tokenizer.encode_special(SENTS)
+    pol = registry.get(name, 0.5, **kw)
+    emb = eng.encode(seqs, pol.reducer(eng))
+    tokens = eng.encode(seqs, pol.reducer(eng), tokens_out=True)
+    ids, lengths = eng.batch(seqs)
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).float()
+    want = torch.nn.functional.normalize((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(emb, want, atol=2e-5, rtol=1e-4)
+
+
 def test_budget_one_is_dense_exactly(bert):
     _, eng = bert
     seqs, _ = eng.tokenizer.encode_special(SENTS)

@@ -155,8 +155,10 @@ class EmbedBench:
         def fn(p, seqs, bs):
             return lambda: encode_ids(self.eng, seqs, p, bs)
 
+        import os
+
         s = self.s
-        out: dict[str, Any] = {"timings": {}}
+        out: dict[str, Any] = {"timings": {}, "loadavg_before": os.getloadavg()[0]}
         for tag, seqs, bs in (("b32", self.t32, 32), ("b1", self.t1, 1)):
             t = timing.interleaved({"dense": fn(None, seqs, bs), "policy": fn(pol, seqs, bs)}, warmup=s.warmup,
                                    repeats=s.repeats, min_seconds=s.min_timed_s, max_repeats=max(s.repeats, 25))
@@ -169,6 +171,7 @@ class EmbedBench:
                         f"speedup_{tag}": pr["median"] if pr else None,
                         f"speedup_{tag}_range": [pr["min"], pr["max"]] if pr else None,
                         f"timed_texts_{tag}": n})
+        out["loadavg_after"] = os.getloadavg()[0]  # other processes on the machine distort every timing
         return out
 
     def base_row(self, label: str, budget: float) -> dict[str, Any]:
