@@ -133,6 +133,12 @@ def prune_vs_merge(rows: list[dict[str, Any]]) -> str:
                    f"{', '.join(f'{b:g}' for b in m_wins)}: pruning's decisions are cheap and its kept tokens exact, "
                    "which pays when only a few tokens go; merging keeps every token's information in the pool, "
                    "which pays when many must go.")
+    fast = [b for b in common if (pr[b].get("speedup_b32") or 0) > (mg[b].get("speedup_b32") or 0)]
+    if fast:
+        verdict += (f" On speed the order flips: at budget(s) {', '.join(f'{b:g}' for b in fast)} pruning runs faster "
+                    "than merging at batch 32 for the same FLOPs fraction, because a pruning decision is a "
+                    "top-k over scores the layer already has, while merging pays a similarity matrix, a matching and "
+                    "weighted scatters in every merging layer.")
     return verdict + "\n\n" + "\n".join(f"- {ln}" for ln in lines)
 
 
