@@ -46,6 +46,8 @@ def test_embed_bench_rows_resume_and_report(tmp_path):
     by = {r["policy"]: r for r in rows}
     assert by["dense"]["cos_mean"] == pytest.approx(1.0) and by["dense"]["overlap_at_10"] == 1.0
     assert by[CONTROL]["speedup_b32"] > 0 and "control_ok" in by[CONTROL]
+    sc = by["dense"]["stage_cos"]
+    assert len(sc) == 4 and sc[-1]["raw_cos"] == pytest.approx(1.0, abs=1e-5)  # the last state is the embedding
     m = by["token-merge:merge_ratio=0.2"]
     for k in ("flops_fraction", "cos_mean", "cos_p1", "recall_at_10", "overlap_at_10", "speedup_b32",
               "speedup_b1", "texts_per_s_b32", "texts_per_s_b1", "speedup_b32_range", "env", "loadavg_before"):
@@ -56,4 +58,4 @@ def test_embed_bench_rows_resume_and_report(tmp_path):
     assert again["written"] == 0 and again["skipped"] == 2
     md = (out / "report.md").read_text()
     assert "A/A control" in md and "| token-merge:merge_ratio=0.2 | 0.8 |" in md and "Pruning vs merging" in md
-    assert "<svg" in (out / "report.html").read_text()
+    assert "<svg" in (out / "report.html").read_text() and "Why tokens cannot leave early" in md

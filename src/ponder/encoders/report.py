@@ -200,9 +200,22 @@ def build_sections(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str
     sections = [("Embeddings: verdict", vhtml + info), ("Embeddings: every point", table),
                 ("Embeddings: frontiers", '<div class="figs">' + "".join(charts(rows)) + "</div>"),
                 ("Embeddings: pruning vs merging", pvm_html)]
+    stage_rows = dense.get("stage_cos") or []
+    stage_md = ""
+    if stage_rows:
+        cols = [page.Column("state", lambda r: r["stage"], align="left"),
+                page.Column("pooled as is", lambda r: _f(r["raw_cos"]), "cosine to the real embedding"),
+                page.Column("through the affine map", lambda r: _f(r["mapped_cos"]),
+                            "the map a frozen token goes through (fitted on the calibration split)")]
+        note = ("How far the remaining layers still move the embedding: the mean-pooled embedding of each "
+                "intermediate state, compared with the real one (dense). A token that leaves at a stage is "
+                "represented by a state like these; a merged token, by contrast, still reaches the last layer.")
+        sections.append(("Embeddings: why tokens cannot leave early",
+                         f"<p>{escape(note)}</p>" + page.table_html(stage_rows, cols)))
+        stage_md = "\n## Why tokens cannot leave early\n\n" + note + "\n\n" + page.table_md(stage_rows, cols) + "\n"
     md = [f"# ponder bench: embeddings ({model})", ""]
     md += [f"**{t.split(':', 1)[0]}**:{t.split(':', 1)[1]}" if ":" in t else t for _, t in ver]
-    md += ["", "## Results", "", page.table_md(table_rows, COLUMNS), "", "## Pruning vs merging", "", pvm, ""]
+    md += ["", "## Results", "", page.table_md(table_rows, COLUMNS), "", "## Pruning vs merging", "", pvm, stage_md]
     return f"ponder bench: embeddings ({model})", sections, "\n".join(md)
 
 
