@@ -70,6 +70,17 @@ def test_noisy_control_is_called_out():
     assert "too noisy" in md and "too noisy" in html
 
 
+def test_at_a_glance_ignores_noise_and_disguised_dense():
+    from ponder.eval.report.lm import best_points
+
+    rs = rows()
+    rs.append(_row("skipdecode", 1.0, perplexity_delta=0.0, flops_fraction=1.0, decode_speedup=1.16))  # dense plan
+    rs.append(_row("ffn-skip", 0.9, perplexity_delta=0.001, flops_fraction=0.9, decode_speedup=1.05))  # in the noise
+    bp = best_points(rs, tolerances=(0.005, 0.5))
+    assert bp[0].startswith("no point within 0.5%") and "skipdecode" not in " ".join(bp)
+    assert "<b>layer-drop</b> at budget 0.5" in bp[1]  # 1.9x at +25%: the fastest point that clears the band
+
+
 def test_older_settings_are_left_out(tmp_path):
     rs = rows()
     old = [{**r, "settings": "old", "perplexity_delta": 77.7} for r in rs[3:5]]
