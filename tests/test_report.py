@@ -86,8 +86,10 @@ def test_older_settings_are_left_out(tmp_path):
     old = [{**r, "settings": "old", "perplexity_delta": 77.7} for r in rs[3:5]]
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in old + rs) + "\n")
     paths = build_report(tmp_path)
-    md = paths[1].read_text()
+    md = paths[-1].read_text()
     assert "+7770" not in md and "other settings" in md
+    plot = tmp_path / "main-plot.svg"  # the main chart on its own, shown by report.md
+    assert plot in paths and plot.read_text().count("<svg") == 1 and "](main-plot.svg)" in md
 
 
 def test_svg_pieces():

@@ -84,9 +84,26 @@ def build_report(out_dir: str | Path) -> list[Path]:
         raise PonderError(f"{d / RESULTS} holds no results to report")
     html, md = render_rows(rows)
     h, m = d / "report.html", d / "report.md"
+    paths = [h, m]
+    main = main_plot(html)
+    if main:  # the first chart on its own, so report.md shows it where Markdown is rendered (GitHub, notes)
+        sv = d / "main-plot.svg"
+        _write(sv, main)
+        paths.insert(1, sv)
+        head, sep, rest = md.partition("\n\n")
+        md = f"{head}{sep}![main plot: quality loss against measured speedup](main-plot.svg)\n\n{rest}"
     _write(h, html)
     _write(m, md)
-    return [h, m]
+    return paths
+
+
+def main_plot(html: str) -> str | None:
+    """The report's first chart as a standalone SVG document (None when the report has no chart)."""
+    i = html.find("<svg")
+    j = html.find("</svg>", i)
+    if i < 0 or j < 0:
+        return None
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + html[i:j + len("</svg>")] + "\n"
 
 
 def _write(p: Path, text: str) -> None:
