@@ -280,8 +280,21 @@ def test_bench_rerun_skips_finished_points_and_never_rewrites(tiny_bench, capsys
     assert summary["written"] == 0 and (out / "results.jsonl").read_bytes() == before
 
 
+def test_bench_measures_a_policy_variant_beside_the_default(tiny_bench, tmp_path, capsys):
+    folder, data, out, args = tiny_bench
+    a = list(args)
+    a[a.index("--policies") + 1] = "random,random:seed=3"
+    a[a.index("--out") + 1] = str(tmp_path / "variants")
+    assert cli_main(a + ["--no-peer", "--no-report"]) == 0
+    by = {r["policy"]: r for r in _rows(tmp_path / "variants")}
+    v = by["random:seed=3"]
+    assert v["policy_name"] == "random" and v["policy_params"]["seed"] == 3 and by["random"]["policy_params"]["seed"] == 0
+    assert v["flops_fraction"] < 0.75 and v["sample"] != by["random"]["sample"]  # another seed, other decisions
+
+
 @pytest.mark.parametrize("change,msg", [
     (["--policies", "dense,nope"], "unknown policy 'nope'"),
+    (["--policies", "random:nope=1"], "random has no parameter 'nope'"),
     (["--budgets", "1,1.5"], "outside (0, 1]"),
     (["--budgets", "0"], "outside (0, 1]"),
     (["--task", "nope"], "unknown --task"),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PonderError
+from ..policies.spec import parse_policy
 
 CONTROL = "dense-control"
 DEFAULT_POLICIES = ("token-prune", "token-prune:score=norm", "token-merge", "token-merge:mode=threshold",
@@ -52,16 +53,6 @@ class EmbedSettings:
     def quick(cls) -> "EmbedSettings":
         return cls(queries=150, passages=600, timing_texts_b32=128, timing_texts_b1=12, repeats=3, min_timed_s=0.4,
                    profile="quick")
-
-
-def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
-    """'token-prune:score=norm;layers=1/2' -> ('token-prune', {'score': 'norm', 'layers': (1, 2)}) (inside a
-    --policies list, parameters are separated by ';' and list values by '/', since ',' separates policies)."""
-    from .cli import parse_params
-
-    name, _, rest = spec.partition(":")
-    items = [p.replace("/", ",") for p in rest.split(";") if p.strip()]
-    return name.strip(), parse_params(items) if rest else {}
 
 
 class EmbedBench:
@@ -338,18 +329,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise PonderError("the embed bench runs on CPU only")
     bench = EmbedBench(model, s, args.out, show_progress=not args.no_progress and not args.json)
     summary = bench.run(policies, budgets, write_report=not args.no_report)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"embed bench: {summary['written']} row(s) written, {summary['skipped']} already present, "
-              f"{len(summary['failed'])} failed, {summary['seconds']:.0f} s; results in {summary['results']}")
-        for f in summary["failed"]:
-            print(f"  failed: {f}")
-        if summary["report"]:
-            md = Path(summary["report"][-1])
-            if md.is_file():
-                from .report import headline
+    from ..eval.bench_cli import print_summary
+    from .report import headline
 
-                print(headline(md.read_text()))
-            print("report: " + ", ".join(summary["report"]))
-    return 1 if summary["failed"] else 0
+    return print_summary(summary, args.json, "embed bench", "row(s) written", headline)

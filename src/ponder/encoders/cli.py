@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PonderError
+from ..policies.spec import parse_params
 
 CHUNK = 512  # texts per write: the unit of incremental output and of resumption
 PROGRESS_MIN = 64  # show a progress bar from this many texts on
@@ -38,28 +39,6 @@ def read_lines(data: bytes, name: str) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-
-
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """--param key=value (repeatable): ints, floats, comma lists (tuples) and strings."""
-    out: dict[str, Any] = {}
-    for it in items or []:
-        if "=" not in it:
-            raise PonderError(f"--param {it!r} is not key=value (e.g. --param score=norm)")
-        k, v = it.split("=", 1)
-        out[k.strip().replace("-", "_")] = _value(v.strip())
-    return out
-
-
-def _value(v: str) -> Any:
-    if "," in v:
-        return tuple(_value(x) for x in v.split(",") if x.strip())
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
 def gather_texts(args: argparse.Namespace) -> tuple[list[str], str]:

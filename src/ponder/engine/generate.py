@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import PonderError
+from .cache import KVCache
 from .forward import Engine, Planner
 from .stats import Stats
 
@@ -91,6 +92,26 @@ def check_prompts(engine: Engine, prompts: list[list[int]], max_new: int) -> Non
                               f"model's context of {ctx}; shorten the prompt or lower --max-new-tokens")
 
 
+def begin(engine: Engine, prompts: list[list[int]], sc: SamplingConfig, room: int
+          ) -> tuple[torch.Tensor, torch.Tensor, KVCache, torch.Generator | None]:
+    """Checked, left-padded prompt ids, their padding, a cache with ``room`` columns past the longest prompt, and
+    the sampling generator: the start every generation loop shares."""
+    sc.validate()
+    check_prompts(engine, prompts, sc.max_new_tokens)
+    ids, pad = left_pad(prompts, 0, engine.device)
+    cache = engine.new_cache(len(prompts), ids.shape[1] + room)
+    gen = torch.Generator(device="cpu").manual_seed(sc.seed) if sc.seed is not None else None
+    return ids, pad, cache, gen
+
+
+def prefill(engine: Engine, ids: torch.Tensor, pad: torch.Tensor, cache: KVCache, planner: Planner | None,
+            stats: Stats | None) -> torch.Tensor:
+    """Run the prompts into the cache; the last position's logits (padded rows masked out of attention)."""
+    if ids.shape[0] > 1:
+        cache.set_padding(pad)
+    return engine.forward(ids, cache, planner, stats, logits="last", phase="prefill").logits
+
+
 def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None = None,
              planner_factory: Callable[[], Planner | None] | None = None, stats: Stats | None = None,
              on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -98,12 +119,8 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
     import time
 
     sc = sc or SamplingConfig()
-    sc.validate()
-    check_prompts(engine, prompts, sc.max_new_tokens)
     B = len(prompts)
-    ids, pad = left_pad(prompts, 0, engine.device)
-    cache = engine.new_cache(B, ids.shape[1] + sc.max_new_tokens)
-    gen = torch.Generator(device="cpu").manual_seed(sc.seed) if sc.seed is not None else None
+    ids, pad, cache, gen = begin(engine, prompts, sc, sc.max_new_tokens)
     planner = planner_factory() if planner_factory else None
     stop = torch.tensor(sorted(set(sc.stop_tokens)) or [-1], device=engine.device)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -111,9 +128,7 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
     done = torch.zeros(B, dtype=torch.bool, device=engine.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        if B > 1:
-            cache.set_padding(pad)
-        logits = engine.forward(ids, cache, planner, stats, logits="last", phase="prefill").logits
+        logits = prefill(engine, ids, pad, cache, planner, stats)
         t1 = time.perf_counter()
         for step in range(sc.max_new_tokens):
             nxt = pick(logits, sc, gen)

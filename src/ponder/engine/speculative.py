@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .forward import Engine
-from .generate import GenerationResult, SamplingConfig, check_prompts, distribution, left_pad, pick
+from .generate import GenerationResult, SamplingConfig, begin, distribution, pick, prefill
 from .stats import Stats
 
 
@@ -108,16 +108,12 @@ def sampled_round(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, live: 
 
 def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig, spec: SpecConfig,
                          stats: Stats | None = None, on_token=None) -> GenerationResult:
-    sc.validate()
-    check_prompts(engine, prompts, sc.max_new_tokens)
     L = engine.cfg.num_hidden_layers
     E = spec.exit_layer
     if not 1 <= E < L:
         raise ValueError(f"exit layer must be in [1, {L}), got {E}")
     B, N = len(prompts), sc.max_new_tokens
-    ids, pad = left_pad(prompts, 0, engine.device)
-    cache = engine.new_cache(B, ids.shape[1] + N + spec.max_draft + 1)
-    gen = torch.Generator(device="cpu").manual_seed(sc.seed) if sc.seed is not None else None
+    ids, pad, cache, gen = begin(engine, prompts, sc, N + spec.max_draft + 1)
     greedy = sc.temperature == 0
     stop = set(sc.stop_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -143,9 +139,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     lookup_rounds = layer_rounds = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        if B > 1:
-            cache.set_padding(pad)
-        logits = engine.forward(ids, cache, None, stats, logits="last", phase="prefill").logits
+        logits = prefill(engine, ids, pad, cache, None, stats)
         t1 = time.perf_counter()
         x = pick(logits, sc, gen)
         emit(x.tolist())

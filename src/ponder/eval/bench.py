@@ -346,13 +346,15 @@ class Bench:
         pol.calibrate(self.engine, self._calib)
 
     # ---- rows ------------------------------------------------------------------------------------------------
-    def policy_row(self, pol: Any, bar=None) -> dict[str, Any]:
+    def policy_row(self, pol: Any, bar=None, spec: str | None = None) -> dict[str, Any]:
+        """One point. ``spec`` (``name:key=value``) labels a variant's row; default: the policy's name."""
         t0 = time.perf_counter()
-        label = f"{pol.name}@{pol.budget:g}"
+        label = f"{spec or pol.name}@{pol.budget:g}"
         self._marks = []
         self._say(bar, f"{label}: calibrating")
         self.calibrate(pol)
-        row = self.base_row(pol.name, pol.budget)
+        row = self.base_row(spec or pol.name, pol.budget)
+        row["policy_name"] = pol.name
         row.update(pol.flags())
         row["policy_params"] = {k: v for k, v in pol.params().items() if _json_simple(v)}
         row.update(self.quality_fields(pol, bar))
@@ -580,7 +582,7 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
                 else:
                     from ..policies import registry
 
-                    out.append(bench.policy_row(registry.get(pt.policy, pt.budget), bar))
+                    out.append(bench.policy_row(registry.get(pt.policy, pt.budget), bar, spec=pt.policy))
                     written += 1
             except KeyboardInterrupt:
                 raise

@@ -56,10 +56,9 @@ def run_lm(args: argparse.Namespace) -> int:
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         if not policies:
             raise PonderError("--policies is empty; give names like dense,random,layer-drop (see `ponder policies`)")
-        known = set(registry.names()) | set(RESERVED)
-        unknown = [p for p in policies if p not in known]
-        if unknown:
-            raise PonderError(f"unknown policy {unknown[0]!r}; available: {', '.join(registry.names())}")
+        for p in policies:  # names or specs (name:key=value;...): unknown names or parameters fail here
+            if p not in RESERVED:
+                registry.get(p)
     budgets = parse_budgets(args.budgets) if args.budgets else list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
     prose = args.prose
     overrides: dict[str, Any] = dict(
@@ -85,17 +84,23 @@ def run_lm(args: argparse.Namespace) -> int:
     settings = profile_settings(args.quick, **overrides)
     summary = run_lm_bench(args.model or "ref", policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
                            show_progress=not args.no_progress and not args.json, write_report=not args.no_report)
-    if args.json:
+    return print_summary(summary, args.json, "bench", "point(s) measured", _headline)
+
+
+def print_summary(summary: dict[str, Any], as_json: bool, what: str, unit: str,
+                  headline: Callable[[str], str]) -> int:
+    """The end of a bench run on the terminal (one JSON object with --json); exit status 1 if a point failed."""
+    if as_json:
         print(json.dumps(summary))
     else:
-        print(f"bench: {summary['written']} point(s) measured, {summary['skipped']} already present, "
+        print(f"{what}: {summary['written']} {unit}, {summary['skipped']} already present, "
               f"{len(summary['failed'])} failed, {summary['seconds']:.0f} s; results in {summary['results']}")
         for f in summary["failed"]:
             print(f"  failed: {f}")
         if summary.get("report"):
             md = Path(summary["report"][-1])
             if md.suffix == ".md" and md.is_file():
-                print(_headline(md.read_text()))
+                print(headline(md.read_text()))
             print("report: " + ", ".join(summary["report"]))
     return 1 if summary["failed"] else 0
 
@@ -140,7 +145,8 @@ def add_subcommand(sub: Any) -> None:
     b.add_argument("--model", default=None,
                    help="local Hugging Face checkpoint folder, or 'ref' (default for --task lm: the shipped model)")
     b.add_argument("--task", default="lm", help="what to benchmark: lm (default) or embed (encoder models)")
-    b.add_argument("--policies", default=None, help="comma-separated policy names (default: every registered one)")
+    b.add_argument("--policies", default=None, help="comma-separated policy names (default: every registered one); a variant with its own "
+                        "parameters is name:key=value;key=value, e.g. self-speculative:drafter=lookup+layers")
     b.add_argument("--budgets", default=None,
                    help="comma-separated budgets in (0, 1] (default: 1,0.9,0.75,0.6,0.5; --quick: 0.75,0.5)")
     b.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default: ./{DEFAULT_OUT})")

@@ -1,0 +1,43 @@
+"""Policy specs: ``name`` or ``name:key=value;key=value`` (a policy with non-default parameters, as one string).
+
+The same string names a policy on the command line (``ponder bench --policies``, ``--task embed`` too) and labels its
+rows in ``results.jsonl``, so a variant such as ``self-speculative:drafter=lookup+layers`` is measured and reported
+beside the default without colliding with it. Inside a comma-separated list, parameters are separated by ``;`` and
+list values by ``/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import PonderError
+
+
+def parse_value(v: str) -> Any:
+    """ints, floats, true/false/none, comma lists (tuples), else the string itself."""
+    if "," in v:
+        return tuple(parse_value(x) for x in v.split(",") if x.strip())
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` items (``--param`` flags or the part of a spec after ':')."""
+    out: dict[str, Any] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise PonderError(f"policy parameter {it!r} is not key=value (e.g. score=norm)")
+        k, v = it.split("=", 1)
+        out[k.strip().replace("-", "_")] = parse_value(v.strip())
+    return out
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
+    """'token-prune:score=norm;layers=1/2' -> ('token-prune', {'score': 'norm', 'layers': (1, 2)})."""
+    name, _, rest = spec.partition(":")
+    items = [p.replace("/", ",") for p in rest.split(";") if p.strip()]
+    return name.strip(), parse_params(items) if rest else {}
