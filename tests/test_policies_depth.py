@@ -366,6 +366,12 @@ def test_self_speculative_auto_mode_drafts_only_when_the_cost_model_expects_a_ga
     assert res.tokens == generate(eng, [CALIB[1][:4] * 4], sc).tokens
 
 
+def test_self_speculative_lookup_has_no_budget():
+    with pytest.raises(PonderError, match="no budget to set"):
+        registry.get("self-speculative", 0.75, drafter="lookup")
+    assert registry.get("self-speculative", 0.75, drafter="lookup+layers").drafter == "lookup+layers"
+
+
 def test_self_speculative_scoring_is_dense(eng):
     pol = registry.get("self-speculative", 0.5)
     assert pol.planner(eng) is None and pol.lossless

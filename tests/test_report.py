@@ -77,8 +77,10 @@ def test_at_a_glance_ignores_noise_and_disguised_dense():
     rs.append(_row("skipdecode", 1.0, perplexity_delta=0.0, flops_fraction=1.0, decode_speedup=1.16))  # dense plan
     rs.append(_row("ffn-skip", 0.9, perplexity_delta=0.001, flops_fraction=0.9, decode_speedup=1.05))  # in the noise
     bp = best_points(rs, tolerances=(0.005, 0.5))
-    assert bp[0].startswith("no point within 0.5%") and "skipdecode" not in " ".join(bp)
+    assert bp[0].startswith("no point within 0.5% perplexity") and "skipdecode" not in " ".join(bp)
     assert "<b>layer-drop</b> at budget 0.5" in bp[1]  # 1.9x at +25%: the fastest point that clears the band
+    same = best_points(rs, tolerances=(0.3, 0.4, 0.5))  # one point wins all three: said once
+    assert len(same) == 1 and same[0].startswith("within 30%, 40% and 50% perplexity of dense")
 
 
 def test_older_settings_are_left_out(tmp_path):

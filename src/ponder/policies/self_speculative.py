@@ -84,6 +84,11 @@ class SelfSpeculative(Policy):
         super().__post_init__()
         if self.drafter not in DRAFTERS:
             raise PonderError(f"drafter must be one of {', '.join(DRAFTERS)}, not {self.drafter!r}")
+        if self.drafter == "lookup" and self.budget < 1.0:
+            # the budget picks the draft depth; lookup drafts use no layers, so every budget would run the same
+            # computation, and a sweep would report one measurement several times as if they were different points
+            raise PonderError("self-speculative with drafter=lookup drafts from the context, not from layers: it has "
+                              "no budget to set; use budget 1 (or drafter=lookup+layers)")
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in super().params().items() if k != "calibration"}

@@ -103,7 +103,9 @@ def main_plot(html: str) -> str | None:
     j = html.find("</svg>", i)
     if i < 0 or j < 0:
         return None
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + html[i:j + len("</svg>")] + "\n"
+    el = html[i:j + len("</svg>")]
+    k = el.index(">") + 1  # the page's chart style goes inside, so the file looks the same on its own
+    return f'<?xml version="1.0" encoding="UTF-8"?>\n{el[:k]}<style>{svg.SVG_CSS}</style>{el[k:]}\n'
 
 
 def _write(p: Path, text: str) -> None:

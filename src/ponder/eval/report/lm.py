@@ -89,16 +89,24 @@ def best_points(rows: list[dict[str, Any]], tolerances=(0.01, 0.05, 0.25)) -> li
             and not (r.get("budget", 0) >= 1.0 and not r.get("lossless"))
             and isinstance(r.get("decode_speedup"), (int, float)) and r["decode_speedup"] > floor
             and r.get("perplexity_delta") is not None]
+    picks: list[tuple[list[float], dict[str, Any] | None]] = []  # tolerances that pick the same point share a line
     for tol in tolerances:
         ok = [r for r in cand if r["perplexity_delta"] <= tol]
-        if ok:
-            b = max(ok, key=lambda r: r["decode_speedup"])
-            out.append(f"within {tol * 100:g}% perplexity of dense, the fastest decode (batch 1) is "
+        b = max(ok, key=lambda r: r["decode_speedup"]) if ok else None
+        if picks and picks[-1][1] is b:
+            picks[-1][0].append(tol)
+        else:
+            picks.append(([tol], b))
+    for tols, b in picks:
+        within = "within " + " and ".join(
+            [", ".join(f"{t * 100:g}%" for t in tols[:-1]), f"{tols[-1] * 100:g}%"] if len(tols) > 1
+            else [f"{tols[0] * 100:g}%"]) + " perplexity of dense"
+        if b is not None:
+            out.append(f"{within}, the fastest decode (batch 1) is "
                        f"<b>{escape(b['policy'])}</b> at budget {b['budget']:g}: {b['decode_speedup']:.2f}x, "
                        f"{fpct(b['perplexity_delta'])} perplexity, {b.get('flops_fraction', 0):.2f} of dense FLOPs")
         else:
-            out.append(f"no point within {tol * 100:g}% perplexity of dense decodes faster than dense by more than "
-                       f"the {floor:g}x noise band")
+            out.append(f"no point {within} decodes faster than dense by more than the {floor:g}x noise band")
     return out
 
 

@@ -182,8 +182,9 @@ def _marker(kind: str, cx: float, cy: float, r: float, fill: str, stroke: str) -
 
 def render(ch: Chart) -> str:
     """The chart as an inline ``<svg>`` element (fixed viewBox, scales with its container)."""
-    W, H = ch.width, ch.height
-    legend_w = 150 if ch.series else 0
+    names = {s.name for s in ch.series}
+    legend_w = max(150, 36 + int(6.4 * max(map(len, names)))) if names else 0  # long variant names stay whole
+    W, H = ch.width + max(0, legend_w - 150), ch.height  # the plot area keeps its size; the legend widens the chart
     ml, mr, mt, mb = 64, 16 + legend_w, 34, 52
     pw, ph = W - ml - mr, H - mt - mb
     xs = [p.x for s in ch.series for p in s.points] + [v for v, _ in ch.vlines]
