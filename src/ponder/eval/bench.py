@@ -38,6 +38,9 @@ PEER = "transformers-generate"
 RESERVED = (CONTROL, PEER)
 DEFAULT_BUDGETS = (1.0, 0.9, 0.75, 0.6, 0.5)
 QUICK_BUDGETS = (0.75, 0.5)
+# Variants the default sweep measures beside every registered policy, each at the budgets that mean something for
+# it: prompt-lookup drafting has no layer budget, and it is the lossless row that pays on small models.
+DEFAULT_VARIANTS: dict[str, tuple[float, ...]] = {"self-speculative:drafter=lookup": (1.0,)}
 NOISE_BAND = (0.9, 1.1)
 
 
@@ -525,10 +528,18 @@ def plan_points(policies: list[str], budgets: list[float]) -> list[Point]:
     for name in policies:
         if name in ("dense",) + RESERVED:
             continue
-        registry.get(name, budgets[0])  # unknown names fail here, before anything is loaded
-        for b in budgets:
+        fixed = DEFAULT_VARIANTS.get(name)
+        registry.get(name, fixed[0] if fixed else budgets[0])  # unknown names fail here, before anything loads
+        for b in (fixed or budgets):
             pts.append(Point(name, b))
     return pts
+
+
+def default_policies() -> list[str]:
+    """What ``ponder bench`` measures when no --policies is given: every registered policy and the variants."""
+    from ..policies import registry
+
+    return registry.names() + list(DEFAULT_VARIANTS)
 
 
 def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir: str | Path,

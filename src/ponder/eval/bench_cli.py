@@ -45,13 +45,13 @@ def run_lm(args: argparse.Namespace) -> int:
     import torch
 
     from ..policies import registry
-    from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, RESERVED, profile_settings, run_lm_bench
+    from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, RESERVED, default_policies, profile_settings, run_lm_bench
     from .sweep import parse_budgets
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.policies in (None, "", "all"):
-        policies = registry.names()
+        policies = default_policies()
     else:
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         if not policies:
@@ -145,7 +145,8 @@ def add_subcommand(sub: Any) -> None:
     b.add_argument("--model", default=None,
                    help="local Hugging Face checkpoint folder, or 'ref' (default for --task lm: the shipped model)")
     b.add_argument("--task", default="lm", help="what to benchmark: lm (default) or embed (encoder models)")
-    b.add_argument("--policies", default=None, help="comma-separated policy names (default: every registered one); a variant with its own "
+    b.add_argument("--policies", default=None, help="comma-separated policy names (default: every registered one, plus "
+                        "self-speculative:drafter=lookup); a variant with its own "
                         "parameters is name:key=value;key=value, e.g. self-speculative:drafter=lookup+layers")
     b.add_argument("--budgets", default=None,
                    help="comma-separated budgets in (0, 1] (default: 1,0.9,0.75,0.6,0.5; --quick: 0.75,0.5)")
