@@ -341,3 +341,14 @@ def test_quick_profile_covers_every_registered_policy():
 
 
 _ = os
+
+
+def test_policy_specs_parse_to_the_right_types():
+    from ponder.policies.encoder import registry as enc
+    from ponder.policies.spec import parse_policy
+
+    assert parse_policy("token-prune:score=norm;layers=1/2") == ("token-prune", {"score": "norm", "layers": (1, 2)})
+    assert registry.get("early-exit:kv_fill=none", 0.9).kv_fill == "none"  # the mode, not Python's None
+    assert registry.get("self-speculative:draft_len=3;adaptive=false").draft_len == 3
+    with pytest.raises(PonderError, match="token-prune has no parameter 'nope'"):
+        enc.get("token-prune", 0.8, nope=1)

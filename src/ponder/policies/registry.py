@@ -36,19 +36,11 @@ def names() -> list[str]:
 
 def get(name: str, budget: float = 1.0, **kw: Any) -> Policy:
     """A policy by name or spec (``name:key=value;...``, see ``policies.spec``), keyword parameters on top."""
-    import dataclasses
-
-    from .spec import parse_policy
+    from .spec import build, parse_policy
 
     name, params = parse_policy(name)
     params.update(kw)
     _load_all()
     if name not in _REGISTRY:
         raise PonderError(f"unknown policy {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "budget"}
-    bad = sorted(set(params) - fields)
-    if bad:
-        raise PonderError(f"policy {name} has no parameter {bad[0]!r}; its parameters: "
-                          f"{', '.join(sorted(fields)) or 'none'}")
-    return cls(budget=budget, **params)
+    return build(_REGISTRY[name], name, budget, params)

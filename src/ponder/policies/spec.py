@@ -41,3 +41,21 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = spec.partition(":")
     items = [p.replace("/", ",") for p in rest.split(";") if p.strip()]
     return name.strip(), parse_params(items) if rest else {}
+
+
+def build(cls: type, name: str, budget: float, params: dict[str, Any]) -> Any:
+    """``cls(budget=budget, **params)`` with one-line errors for unknown parameters, and text restored where a
+    field is a string (``kv_fill=none`` means the mode "none", not Python's None; ``drafter=1`` the text "1")."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "budget"}
+    bad = sorted(set(params) - set(fields))
+    if bad:
+        raise PonderError(f"policy {name} has no parameter {bad[0]!r}; its parameters: "
+                          f"{', '.join(sorted(fields)) or 'none'}")
+    out = dict(params)
+    for k, v in params.items():
+        if str(fields[k].type) == "str" and not isinstance(v, str):
+            out[k] = ("none" if v is None else str(v).lower() if isinstance(v, bool)
+                      else ",".join(map(str, v)) if isinstance(v, tuple) else str(v))
+    return cls(budget=budget, **out)

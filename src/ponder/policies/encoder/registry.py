@@ -35,8 +35,6 @@ def policy_class(name: str) -> type[EncoderPolicy]:
 
 
 def get(name: str, budget: float = 1.0, **kw: Any) -> EncoderPolicy:
-    cls = policy_class(name)
-    try:
-        return cls(budget=budget, **kw)
-    except TypeError as e:
-        raise PonderError(f"bad parameter for policy {name!r}: {e}") from None
+    from ..spec import build
+
+    return build(policy_class(name), name, budget, kw)
