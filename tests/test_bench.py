@@ -72,7 +72,11 @@ def test_interleaved_uses_self_measured_seconds_and_min_time():
     t = timing.interleaved({"x": lambda: time.sleep(0.01), "y": lambda: time.sleep(0.005)}, warmup=0, repeats=2,
                            min_seconds=0.05, max_repeats=50)
     n = len(t["x"]["samples"])
-    assert 10 <= n < 50 and n == len(t["y"]["samples"])  # rounds added until every side ran 0.05 s of wall time
+    assert n < 50 and n == len(t["y"]["samples"])
+    # rounds are added until every side ran 0.05 s, and not one round more (sleep overshoot varies with load, so
+    # the count itself is not fixed; the stopping rule is)
+    assert min(sum(t[k]["samples"]) for k in "xy") >= 0.0495
+    assert min(sum(t[k]["samples"][:-1]) for k in "xy") < 0.0505
     assert t["x"]["min"] >= 0.01
 
 
