@@ -356,3 +356,7 @@ def test_policy_specs_parse_to_the_right_types():
     assert registry.get("self-speculative:draft_len=3;adaptive=false").draft_len == 3
     with pytest.raises(PonderError, match="token-prune has no parameter 'nope'"):
         enc.get("token-prune", 0.8, nope=1)
+    with pytest.raises(PonderError, match="draft_len must be an integer or none, not '3x'"):
+        registry.get("self-speculative:draft_len=3x")  # refused before any work, not a TypeError mid-sweep
+    with pytest.raises(PonderError, match="adaptive must be true or false"):
+        registry.get("self-speculative:adaptive=2")

@@ -55,7 +55,21 @@ def build(cls: type, name: str, budget: float, params: dict[str, Any]) -> Any:
                           f"{', '.join(sorted(fields)) or 'none'}")
     out = dict(params)
     for k, v in params.items():
-        if str(fields[k].type) == "str" and not isinstance(v, str):
+        kind = str(fields[k].type).replace(" ", "")
+        if kind == "str" and not isinstance(v, str):
             out[k] = ("none" if v is None else str(v).lower() if isinstance(v, bool)
                       else ",".join(map(str, v)) if isinstance(v, tuple) else str(v))
+            continue
+        base, optional = kind.split("|")[0], "None" in kind.split("|")[1:]
+        if v is None and optional:
+            continue
+        ok = {"int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+              "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+              "bool": lambda x: isinstance(x, bool)}.get(base)
+        if ok is not None and not ok(v):
+            want = {"int": "an integer", "float": "a number", "bool": "true or false"}[base]
+            raise PonderError(f"policy {name} parameter {k} must be {want}" + (" or none" if optional else "")
+                              + f", not {v!r}")
+        if base == "float" and isinstance(v, int):
+            out[k] = float(v)
     return cls(budget=budget, **out)
