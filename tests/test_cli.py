@@ -82,3 +82,5 @@ def test_empty_and_binary_data_files(capsys, tmp_path):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "ponder.cli", "policies", "--json"], capture_output=True, text=True)
     assert r.returncode == 0 and any(p["policy"] == "dense" for p in json.loads(r.stdout))
+    ee = next(p for p in json.loads(r.stdout) if p["policy"] == "early-exit")
+    assert ee["params"]["kv_fill"] == "state"  # users can see what a variant spec may set

@@ -127,16 +127,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_policies(args: argparse.Namespace) -> int:
     from .policies import registry
 
+    import dataclasses
+
     rows = []
     for n in registry.names():
         cls = registry._REGISTRY[n]
-        rows.append({"policy": n, **cls.flags(), "doc": (cls.__doc__ or "").strip().splitlines()[0]})
+        params = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                  for f in dataclasses.fields(cls) if f.init and f.name not in ("budget", "calibration")}
+        rows.append({"policy": n, **cls.flags(), "doc": (cls.__doc__ or "").strip().splitlines()[0],
+                     "params": params})
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(rows, default=str))
     else:
         for r in rows:
             fl = " ".join(k for k in ("real", "kv_compatible", "batch_compatible", "training_free", "lossless") if r[k])
             print(f"{r['policy']:<18} {fl:<60} {r['doc']}")
+            if r["params"]:
+                print(" " * 19 + "parameters: " + ", ".join(f"{k}={'none' if v is None else v}"
+                                                            for k, v in r["params"].items()))
+        print("\nA variant is name:key=value;key=value, e.g. --policy early-exit:kv_fill=kv-copy (budget: --budget).")
     return 0
 
 

@@ -12,6 +12,8 @@ from .registry import register
 @register
 @dataclass
 class Dense(Policy):
+    """The whole model for every token: the reference every other row is measured against."""
+
     name: ClassVar[str] = "dense"
     lossless: ClassVar[bool] = True
 

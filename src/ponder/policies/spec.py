@@ -48,7 +48,7 @@ def build(cls: type, name: str, budget: float, params: dict[str, Any]) -> Any:
     field is a string (``kv_fill=none`` means the mode "none", not Python's None; ``drafter=1`` the text "1")."""
     import dataclasses
 
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "budget"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.repr and f.name != "budget"}  # not state
     bad = sorted(set(params) - set(fields))
     if bad:
         raise PonderError(f"policy {name} has no parameter {bad[0]!r}; its parameters: "
