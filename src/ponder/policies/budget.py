@@ -156,6 +156,14 @@ class ThresholdPolicy(Policy):
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in super().params().items() if k != "calibration"}
 
+    def describe(self) -> dict[str, Any]:
+        """With the fitted threshold: a ``threshold: null`` in a run's output would hide what actually ran."""
+        d = super().describe()
+        for k in ("threshold", "calibration_fraction"):
+            if k in self.calibration:
+                d[f"fitted_{k}" if k == "threshold" else k] = self.calibration[k]
+        return d
+
     def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
         if self.budget >= 1.0 or self.threshold is not None:
             return
