@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PonderError
+from ..eval.sweep import NOISE_BAND
 from ..policies.spec import parse_policy
 
 CONTROL = "dense-control"
@@ -33,7 +34,6 @@ DEFAULT_POLICIES = ("token-prune", "token-prune:score=norm", "token-merge", "tok
                     "token-exit", "layer-skip")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 QUICK_BUDGETS = (0.8, 0.6)
-NOISE_BAND = (0.9, 1.1)
 TARGET = {"speedup_b32": 1.8, "cos_mean": 0.99, "recall_drop_points": 1.0}
 
 

@@ -31,7 +31,7 @@ from ..engine.generate import SamplingConfig, generate
 from ..engine.stats import ATTN, KV, Stats
 from ..errors import PonderError
 from . import envinfo, quality, timing
-from .sweep import ResultsFile, point_key, progress, settings_hash
+from .sweep import NOISE_BAND, ResultsFile, point_key, progress, settings_hash
 
 CONTROL = "dense-control"
 PEER = "transformers-generate"
@@ -41,7 +41,6 @@ QUICK_BUDGETS = (0.75, 0.5)
 # Variants the default sweep measures beside every registered policy, each at the budgets that mean something for
 # it: prompt-lookup drafting has no layer budget, and it is the lossless row that pays on small models.
 DEFAULT_VARIANTS: dict[str, tuple[float, ...]] = {"self-speculative:drafter=lookup": (1.0,)}
-NOISE_BAND = (0.9, 1.1)
 
 
 def repo_data(name: str) -> Path:

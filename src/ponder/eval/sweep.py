@@ -19,6 +19,8 @@ from typing import Any, Iterable
 from ..errors import PonderError
 
 RESULTS = "results.jsonl"
+# Every bench's A/A control must read inside this band; a speedup inside it cannot be told apart from 1.0.
+NOISE_BAND = (0.9, 1.1)
 
 
 def parse_budgets(text: str | Iterable[float]) -> list[float]:

@@ -6,13 +6,13 @@ import math
 from html import escape
 from typing import Any
 
+from ..sweep import NOISE_BAND
 from . import svg
 from .page import Column, Markup, env_html, env_md, fbytes, fnum, fpct, fx, html_page, table_html, table_md
 
 CONTROL, PEER = "dense-control", "transformers-generate"
 FLAGS = ("real", "kv_compatible", "batch_compatible", "training_free", "lossless")
 DISPLAY_BUDGET = 0.75  # the token view shows each policy at the budget nearest this
-NOISE_BAND = (0.9, 1.1)  # the A/A control must read inside this; speedups inside it are not told apart from 1.0
 
 
 # ---- selecting rows ----------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def control_verdict(rows: list[dict[str, Any]]) -> tuple[str, str]:
     parts = [f"{k.replace('_speedup', '').replace('_', ' ')} {c[k]:.3f}x" for k in sorted(c)
              if k.endswith("speedup") or (k.startswith("decode_speedup_b") and not k.endswith("range"))
              if isinstance(c.get(k), (int, float))]
-    lo, hi = c.get("control_band", [0.9, 1.1])
+    lo, hi = c.get("control_band", NOISE_BAND)
     if c.get("control_ok"):
         return "ok", (f"Dense timed against dense reads {', '.join(parts)}: within {lo}-{hi}, "
                       "so the machine was quiet enough for the speedups below.")
@@ -84,7 +84,8 @@ def best_points(rows: list[dict[str, Any]], tolerances=(0.01, 0.05, 0.25)) -> li
     noise band (a 1.05x is indistinguishable from dense on a CPU) and it is not the dense plan in disguise
     (budget 1 of a lossy policy runs exactly the dense computation, so any speedup it shows is noise)."""
     out = []
-    floor = NOISE_BAND[1]
+    ctl = next((r for r in rows if r.get("policy") == CONTROL), {})
+    floor = ctl.get("control_band", NOISE_BAND)[1]  # the band this run's control was judged by
     cand = [r for r in rows if r.get("policy") not in ("dense", CONTROL, PEER) and speed_ok(r)
             and not (r.get("budget", 0) >= 1.0 and not r.get("lossless"))
             and isinstance(r.get("decode_speedup"), (int, float)) and r["decode_speedup"] > floor
