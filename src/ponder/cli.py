@@ -125,15 +125,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    from .policies import registry
-
     import dataclasses
+
+    from .policies import registry
+    from .policies.spec import parameters
 
     rows = []
     for n in registry.names():
         cls = registry._REGISTRY[n]
-        params = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-                  for f in dataclasses.fields(cls) if f.init and f.name not in ("budget", "calibration")}
+        params = {k: (f.default if f.default is not dataclasses.MISSING else None)
+                  for k, f in parameters(cls).items()}
         rows.append({"policy": n, **cls.flags(), "doc": (cls.__doc__ or "").strip().splitlines()[0],
                      "params": params})
     if args.json:

@@ -43,12 +43,18 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), parse_params(items) if rest else {}
 
 
+def parameters(cls: type) -> dict[str, Any]:
+    """A policy class's settable parameters (name -> dataclass field): every init field but the budget knob and
+    internal state (fields hidden from repr, such as fitted calibration)."""
+    import dataclasses
+
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and f.repr and f.name != "budget"}
+
+
 def build(cls: type, name: str, budget: float, params: dict[str, Any]) -> Any:
     """``cls(budget=budget, **params)`` with one-line errors for unknown parameters, and text restored where a
     field is a string (``kv_fill=none`` means the mode "none", not Python's None; ``drafter=1`` the text "1")."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.repr and f.name != "budget"}  # not state
+    fields = parameters(cls)
     bad = sorted(set(params) - set(fields))
     if bad:
         raise PonderError(f"policy {name} has no parameter {bad[0]!r}; its parameters: "
