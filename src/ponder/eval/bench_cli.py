@@ -44,8 +44,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def run_lm(args: argparse.Namespace) -> int:
     import torch
 
-    from ..policies import registry
-    from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, RESERVED, default_policies, profile_settings, run_lm_bench
+    from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, default_policies, profile_settings, run_lm_bench
     from .sweep import parse_budgets
 
     if args.threads:
@@ -56,9 +55,7 @@ def run_lm(args: argparse.Namespace) -> int:
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         if not policies:
             raise PonderError("--policies is empty; give names like dense,random,layer-drop (see `ponder policies`)")
-        for p in policies:  # names or specs (name:key=value;...): unknown names or parameters fail here
-            if p not in RESERVED:
-                registry.get(p)
+        # names or specs (name:key=value;...): run_lm_bench checks each (plan_points) before loading anything
     budgets = parse_budgets(args.budgets) if args.budgets else list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
     prose = args.prose
     overrides: dict[str, Any] = dict(
@@ -77,10 +74,6 @@ def run_lm(args: argparse.Namespace) -> int:
         v = getattr(args, k)
         if v is not None and v < (0 if k in ("prompts",) else 1):
             raise PonderError(f"--{k.replace('_', '-')} must be positive, got {v}")
-    if args.data is not None:
-        from .metrics import read_text
-
-        read_text(args.data)
     settings = profile_settings(args.quick, **overrides)
     summary = run_lm_bench(args.model or "ref", policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
                            show_progress=not args.no_progress and not args.json, write_report=not args.no_report)
