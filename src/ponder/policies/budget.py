@@ -101,6 +101,14 @@ def fit_threshold(fraction_at: Callable[[float], float], budget: float, cheap: f
     f_dear = fraction_at(dear)
     if f_dear <= budget:
         return dear, f_dear
+    return bisect(fraction_at, budget, cheap, dear, f_cheap, iters)
+
+
+def bisect(fraction_at: Callable[[float], float], budget: float, cheap: float, dear: float, f_cheap: float,
+           iters: int) -> tuple[float, float]:
+    """``iters`` halvings between ``cheap`` (known within budget: ``f_cheap``) and ``dear``: the setting nearest
+    ``dear`` whose measured fraction is still <= budget, and that fraction. Shared by every knob fit (decoder
+    thresholds here, encoder keep ratios and thresholds in ``policies.encoder.base``)."""
     lo, hi, f_lo = cheap, dear, f_cheap
     for _ in range(iters):
         mid = (lo + hi) / 2

@@ -88,21 +88,20 @@ class EncoderPolicy(Policy):
 
             raise PonderError("the encoder calibration split (data/retrieval/calib.jsonl) is missing; reinstall "
                               "ponder from its repository")
+        from ..budget import bisect
+
         seqs = seqs[:FIT_TEXTS]
         target = self.budget
         cheap, rich = (lo, hi) if cheaper_when_low else (hi, lo)
-        set_knob(cheap)
-        f_cheap = self.measure(engine, seqs)
-        best, best_f = cheap, f_cheap
+
+        def fraction_at(v: float) -> float:
+            set_knob(v)
+            return self.measure(engine, seqs)
+
+        f_cheap = fraction_at(cheap)
+        best, best_f = cheap, f_cheap  # out of reach: keep the cheapest setting and say so ("reached": False)
         if f_cheap <= target:
-            for _ in range(iters):
-                mid = (cheap + rich) / 2
-                set_knob(mid)
-                f = self.measure(engine, seqs)
-                if f <= target:
-                    cheap, best, best_f = mid, mid, f
-                else:
-                    rich = mid
+            best, best_f = bisect(fraction_at, target, cheap, rich, f_cheap, iters)
         set_knob(best)
         self.calibration = {self.knob_name: round(best, 6), "calib_flops_fraction": round(best_f, 4),
                             "reached": bool(best_f <= target + 1e-9)}
