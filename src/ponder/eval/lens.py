@@ -25,6 +25,13 @@ class _Tap:
         self.outs.append(x)
 
 
+def layer_states(engine: Engine, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's output for token ids ``x`` (B, T) from one dense scoring pass: what a lens reads the head on."""
+    tap = _Tap()
+    engine.forward(x, planner=tap, logits=None, phase="score")
+    return tap.outs
+
+
 @torch.inference_mode()
 def logit_lens(engine: Engine, ids: list[int], window: int | None = None, batch: int = 4) -> list[dict]:
     """Per layer (1-based depth): top-1 agreement with the final layer, and mean NLL (nats) if stopped there."""
@@ -37,11 +44,10 @@ def logit_lens(engine: Engine, ids: list[int], window: int | None = None, batch:
     chunks = [t[i:i + window] for i in range(0, len(ids) - window + 1, window)]
     for b in range(0, len(chunks), batch):
         x = torch.stack(chunks[b:b + batch]).to(engine.device)
-        tap = _Tap()
-        engine.forward(x, planner=tap, logits=None, phase="score")
+        outs = layer_states(engine, x)
         tgt = x[:, 1:]
-        final_top = engine.logits(tap.outs[-1][:, :-1]).argmax(-1)
-        for layer, h in enumerate(tap.outs):
+        final_top = engine.logits(outs[-1][:, :-1]).argmax(-1)
+        for layer, h in enumerate(outs):
             lg = engine.logits(h[:, :-1]).float()
             agree[layer] += (lg.argmax(-1) == final_top).sum()
             nll[layer] += -torch.log_softmax(lg, -1).gather(-1, tgt[..., None]).sum().double()

@@ -98,7 +98,7 @@ class SelfSpeculative(Policy):
         calibration text (up to ``CALIB_TOKENS`` tokens: a rate needs far fewer than a threshold fit)."""
         import torch
 
-        from ..eval.lens import _Tap
+        from ..eval.lens import layer_states
 
         seqs = [s for s in texts if len(s) >= 2]
         if not seqs:
@@ -109,11 +109,9 @@ class SelfSpeculative(Policy):
         agree = torch.zeros(L)
         with torch.inference_mode():
             for i in range(0, len(seqs), 4):
-                tap = _Tap()
-                engine.forward(torch.tensor(seqs[i:i + 4], device=engine.device), planner=tap, logits=None,
-                               phase="score")
-                final = engine.logits(tap.outs[-1]).argmax(-1)
-                for layer, h in enumerate(tap.outs[:-1]):
+                outs = layer_states(engine, torch.tensor(seqs[i:i + 4], device=engine.device))
+                final = engine.logits(outs[-1]).argmax(-1)
+                for layer, h in enumerate(outs[:-1]):
                     agree[layer] += (engine.logits(h).argmax(-1) == final).sum().cpu()
         total = len(seqs) * n
         self.calibration = {"alphas": {i + 1: float(agree[i]) / total for i in range(L - 1)}, "engine": id(engine)}
