@@ -54,7 +54,7 @@ class ExitPlanner:
     def __init__(self, engine: Engine, kv_fill: str):
         self.engine = engine
         self.kv = check_kv_fill(kv_fill)
-        self.active: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # flat indices of the rows still running, ascending
 
     def checks_at(self, i: int) -> bool:
         raise NotImplementedError
@@ -67,18 +67,17 @@ class ExitPlanner:
         """Called at layer 0 of every step."""
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        N = ctx.B * ctx.T
         if i == 0:
-            self.active = torch.ones(ctx.B * ctx.T, dtype=torch.bool, device=x.device)
+            self.rows = torch.arange(N, device=x.device)
             self.begin(x, ctx)
-        if self.checks_at(i):
-            rows = self.active.nonzero().squeeze(1)
-            if rows.numel():
-                out = self.leave(i, x.reshape(-1, x.shape[-1])[rows], rows, ctx)
-                self.active[rows[out]] = False
-        idx = self.active.nonzero().squeeze(1)
-        if idx.numel() == self.active.numel():
+        rows = self.rows
+        if self.checks_at(i) and rows.numel():
+            out = self.leave(i, x.reshape(-1, x.shape[-1])[rows], rows, ctx)
+            self.rows = rows = rows[~out]  # the running set only shrinks: no mask to rescan every layer
+        if rows.numel() == N:
             return None
-        return LayerPlan(attn=idx, ffn=idx, kv=self.kv)
+        return LayerPlan(attn=rows, ffn=rows, kv=self.kv)
 
 
 def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
