@@ -184,9 +184,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         tokenize(eng, texts, truncate=False, where=where)
     from ..policies.encoder import registry as _enc_registry
 
-    _enc_registry.policy_class(args.policy)  # unknown names and bad budgets fail before any progress line
-    if not 0 < args.budget <= 1:
-        raise PonderError(f"budget must be in (0, 1], got {args.budget:g}")
+    _enc_registry.get(args.policy, args.budget, **params)  # bad name, budget or parameter: before any progress line
     if args.policy != "dense" and args.budget < 1.0 and not args.no_progress:
         print(f"ponder: fitting {args.policy} to budget {args.budget:g} on the calibration split...", file=sys.stderr)
     pol = get_policy(eng, args.policy, args.budget, **params)
