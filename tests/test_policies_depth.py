@@ -181,6 +181,41 @@ def test_engine_kv_copy_copies_the_previous_layer(eng):
     assert not cache.holes
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # plain, K/V biases, K norm
+def test_exit_kv_writes_what_per_layer_compute_writes(tiny_folder, family):
+    """The one-shot fill at exit (all skipped layers' K/V in one batched projection) must leave the cache exactly as
+    the per-layer ``kv="compute"`` fill does, and later layers with ``kv="filled"`` must not touch those slots."""
+    e = api.load(tiny_folder(family, layers=6)[0])
+    L, T = e.cfg.num_hidden_layers, 9
+    ids = torch.randint(3, e.cfg.vocab_size, (2, T))
+    run = torch.ones(2, T, dtype=torch.bool)
+    run[0, 3], run[1, 7], run[1, 8] = False, False, False  # these tokens leave before layer 2
+    gone = (~run).reshape(-1).nonzero().squeeze(1)
+
+    class PerLayer:
+        def layer(self, i, x, ctx):
+            return LayerPlan.from_masks(run, run, kv="compute") if i >= 2 else None
+
+    class AtExit:
+        def layer(self, i, x, ctx):
+            if i == 2:
+                e.exit_kv(2, gone, x.reshape(-1, x.shape[-1])[gone], ctx)
+            return LayerPlan.from_masks(run, run, kv="filled") if i >= 2 else None
+
+    caches, outs = [], []
+    for planner in (PerLayer(), AtExit()):
+        c = e.new_cache(2, T)
+        c.set_padding(torch.tensor([0, 2]))  # left padding: positions differ from columns in row 1
+        st = Stats(e.cfg)
+        outs.append((e.forward(ids, c, planner, stats=st).logits, st.summary()))
+        caches.append(c)
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+        assert (a - b).abs().max() < 1e-5
+    assert (outs[0][0] - outs[1][0]).abs().max() < 1e-5
+    assert outs[0][1] == outs[1][1]  # the same work is counted either way
+    assert (caches[1].k[2:, 0, :, 3].abs().sum(-1) > 0).all()  # the slots were written, not left at zero
+
+
 @pytest.mark.parametrize("kv_fill", ["state", "kv-copy", "none"])
 def test_early_exit_variants_are_cache_consistent(eng, kv_fill):
     pol = registry.get("early-exit", 0.7, kv_fill=kv_fill)
@@ -197,6 +232,11 @@ def test_early_exit_counts_the_head_and_variants_differ(eng):
     pol = registry.get("early-exit", 1.0, threshold=0.0)  # everyone leaves at the first check
     _, st = score_stats(eng, pol, ids)
     assert st.overhead_flops == pytest.approx(eng.head_flops(ids.numel()))  # one check per token, counted
+    head = eng.cfg.hidden_size * eng.cfg.vocab_size * st.weight_bytes_per_param
+    assert st.overhead_bytes == head  # the check read the head once
+    # every token's final logits are its check's (same frozen state): the head is not run again at the end
+    assert st.head_flops == 0 and st.head_bytes == 0
+    assert st.dense_head_flops == pytest.approx(eng.head_flops(ids.numel())) and st.dense_head_bytes == head
     assert set(st.layers_used()[0].flatten().tolist()) == {2}  # first check at L // 4 = 2
     thr = registry.get("early-exit", 0.7)
     thr.calibrate(eng, CALIB)  # mixed exits, so later tokens read what exited tokens left behind
@@ -204,6 +244,11 @@ def test_early_exit_counts_the_head_and_variants_differ(eng):
                                                 kv_fill=fill), ids)[0] for fill in ("state", "kv-copy", "none")}
     assert (outs["state"] - outs["kv-copy"]).abs().max() > 1e-3
     assert (outs["state"] - outs["none"]).abs().max() > 1e-3
+    # reused check logits (leavers) and computed ones (the rest) together equal the head on the final states
+    out = eng.forward(ids, planner=thr.planner(eng), phase="score")
+    assert (out.logits - eng.logits(out.hidden)).abs().max() < 1e-5
+    last = eng.forward(ids, planner=thr.planner(eng), phase="score", logits="last")
+    assert (last.logits - eng.logits(last.hidden[:, -1])).abs().max() < 1e-5
 
 
 def test_early_exit_saturation_measure_is_cheap_and_consistent(eng):

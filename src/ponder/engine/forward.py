@@ -164,6 +164,46 @@ class Engine:
     def head_flops(self, n: int) -> float:
         return 2.0 * n * self.cfg.hidden_size * self.cfg.vocab_size
 
+    def exit_kv(self, first: int, rows: torch.Tensor, h: torch.Tensor, ctx: StepContext) -> None:
+        """Write the K/V of layers ``first``..L-1 for tokens that leave the stack before layer ``first`` with frozen
+        states ``h`` (n, D) (flat ``rows`` of the step): one batched projection instead of one small layer step per
+        skipped layer. The math is the per-layer ``kv="compute"`` fill (each layer's own input norm, K norm and
+        rotary embedding), so a token's K/V do not depend on when they are written; later layers then run with
+        ``kv="filled"`` and spend nothing on these rows. Why: at batch 1 a skipped layer's K/V projection is a tiny
+        matmul wrapped in a dozen small operations, which cost more than the weights they read."""
+        if not rows.numel():
+            return
+        c, eps = self.cfg, self.cfg.rms_norm_eps
+        Hk, hd, L = self._Hk, self._hd, c.num_hidden_layers
+        st = self._exit_stack()
+        ln, wkv, bkv, kn = (t[first:] if t is not None else None for t in st)
+        Lr, n = L - first, rows.numel()
+        hn = rms_norm(h[None].expand(Lr, n, h.shape[-1]), ln[:, None, :], eps)  # (Lr, n, D): each layer's norm
+        kv = torch.bmm(hn, wkv.transpose(1, 2)) if bkv is None else torch.baddbmm(bkv[:, None, :], hn, wkv.transpose(1, 2))
+        kv = kv.view(Lr, n, 2, Hk, hd)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if kn is not None:
+            k = rms_norm(k, kn[:, None, None, :], eps)
+        T = ctx.T
+        r, col = rows // T, rows % T + ctx.start
+        pos = ctx.positions.reshape(-1)[rows]
+        cos, sin = self.rope(pos)  # (n, 1, hd): broadcast over layers and heads
+        k = apply_rope(k, cos, sin)
+        ctx.cache.k[first:, r, :, col] = k.transpose(0, 1)
+        ctx.cache.v[first:, r, :, col] = v.transpose(0, 1)
+
+    def _exit_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-layer input norms, K|V weights, K|V biases and K norms stacked over layers (built on first use)."""
+        st = getattr(self, "_exit_kv_stack", None)
+        if st is None:
+            ls = self.layers
+            wkv = torch.stack([w.wkv[0] if len(w.wkv) == 1 else torch.cat(w.wkv) for w in ls])
+            bkv = (torch.stack([w.bkv[0] if len(w.bkv) == 1 else torch.cat(w.bkv) for w in ls])
+                   if ls[0].bkv is not None else None)
+            kn = torch.stack([w.k_norm for w in ls]) if ls[0].k_norm is not None else None
+            st = self._exit_kv_stack = (torch.stack([w.ln1 for w in ls]), wkv, bkv, kn)
+        return st
+
     # ---- the forward pass -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, planner: Planner | None = None,
@@ -209,13 +249,39 @@ class Engine:
         if stats is not None and last_layer == L:
             stats.end_step()
         out = None
-        if logits == "all":
-            out = self.logits(x)
-        elif logits == "last":
-            out = self.logits(x[:, -1])
-        if stats is not None and out is not None:
-            stats.add_head(out.numel() // self.cfg.vocab_size)
+        if logits in ("all", "last"):
+            known = getattr(planner, "known_logits", None)
+            out = self._final_logits(x, logits == "last", known() if known is not None and last_layer == L else None,
+                                     stats)
         return ForwardOutput(out, x)
+
+    def _final_logits(self, x: torch.Tensor, last: bool, known: tuple[torch.Tensor, torch.Tensor] | None,
+                      stats: Stats | None) -> torch.Tensor:
+        """Logits of every token (or each row's last), reusing those a planner already computed from the very same
+        final states (an exited token's check): the head is the most expensive single matmul at batch 1."""
+        B, T, D = x.shape
+        sel = x[:, -1] if last else x
+        want = sel.shape[0] * (1 if last else T)
+        if known is None:
+            out = self.logits(sel)
+            n = want
+        else:
+            rows, lg = known
+            flat = (torch.arange(B, device=x.device) * T + T - 1) if last else torch.arange(B * T, device=x.device)
+            slot = torch.full((B * T,), -1, dtype=torch.long, device=x.device)
+            slot[rows] = torch.arange(rows.numel(), device=x.device)
+            idx = slot[flat]
+            have = idx >= 0
+            out = lg.new_empty(want, self.cfg.vocab_size)
+            out[have] = lg[idx[have]]
+            miss = (~have).nonzero().squeeze(1)
+            n = miss.numel()
+            if n:
+                out[miss] = self.logits(x.reshape(B * T, D)[flat[miss]])
+            out = out.view(*sel.shape[:-1], self.cfg.vocab_size)
+        if stats is not None:
+            stats.add_head(n, want)
+        return out
 
     def _mask(self, cache: KVCache, valid: torch.Tensor, T: int, start: int, end: int) -> torch.Tensor | None:
         """(B, 1, T, end) boolean: causal, valid keys, and always the query itself (keeps padding rows finite)."""
@@ -280,7 +346,7 @@ class Engine:
         eps = self.cfg.rms_norm_eps
         xf = x.reshape(N, D)
         cosf, sinf = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
-        a = plan.attn
+        a, f = plan.attn, plan.ffn
         attn_ctx = None
         kv_rows: torch.Tensor | None
         if a is None:  # attention dense, only the FFN is planned
@@ -288,6 +354,11 @@ class Engine:
             kv_rows = None
         else:
             na = a.numel()
+            if plan.kv == "filled" and not na and f is not None and not f.numel():
+                # Every row has left (its K/V written ahead): nothing runs and nothing is read.
+                if stats is not None:
+                    stats.layer(i, a, None, f, None)
+                return x
             if plan.kv == "compute":
                 h_all = rms_norm(xf, w.ln1, eps)
                 k, v = w.kv(h_all)
@@ -310,16 +381,19 @@ class Engine:
                     rows, cols = a // T, a % T + start
                     cache.k[i][rows, :, cols] = k
                     cache.v[i][rows, :, cols] = v.reshape(na, Hk, hd)
-                off = torch.ones(N, dtype=torch.bool, device=x.device)
-                off[a] = False
-                idx = off.nonzero().squeeze(1)
-                if idx.numel() and plan.kv == "copy" and i > 0:
-                    rr, cc = idx // T, idx % T + start
-                    cache.k[i][rr, :, cc] = cache.k[i - 1][rr, :, cc]
-                    cache.v[i][rr, :, cc] = cache.v[i - 1][rr, :, cc]
-                elif idx.numel():
-                    cache.punch(i, idx // T, idx % T + start)
-                kv_rows = a
+                if plan.kv == "filled":  # the other rows' K/V are already in place
+                    kv_rows = None
+                else:
+                    off = torch.ones(N, dtype=torch.bool, device=x.device)
+                    off[a] = False
+                    idx = off.nonzero().squeeze(1)
+                    if idx.numel() and plan.kv == "copy" and i > 0:
+                        rr, cc = idx // T, idx % T + start
+                        cache.k[i][rr, :, cc] = cache.k[i - 1][rr, :, cc]
+                        cache.v[i][rr, :, cc] = cache.v[i - 1][rr, :, cc]
+                    elif idx.numel():
+                        cache.punch(i, idx // T, idx % T + start)
+                    kv_rows = a
             if na:
                 q = w.q(h_a).view(na, H, hd)
                 if w.q_norm is not None:
@@ -327,7 +401,6 @@ class Engine:
                 q = apply_rope(q, cosf[a], sinf[a])
                 o, attn_ctx = self._attend_rows(i, q, a, T, start, end, cache)
                 xf = xf.index_add(0, a, F.linear(o, w.wo))
-        f = plan.ffn
         if f is None:
             xf = xf + w.mlp(rms_norm(xf, w.ln2, eps))
         elif f.numel():

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-KVMode = Literal["compute", "none", "copy"]
+KVMode = Literal["compute", "none", "copy", "filled"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class LayerPlan:
     ``"none"``: nothing; the slot is masked for every later query (cheapest, but later tokens lose context).
     ``"copy"``: the slot copies the previous layer's K/V for that token, no projection (early exit's "KV copying";
     layer 0 has no previous layer and leaves a hole as with ``"none"``).
+    ``"filled"``: the planner has already written this layer's K/V for those rows (an exited token's K/V for every
+    layer it skips, projected from its frozen state in one call: :meth:`Engine.exit_kv`); the layer adds nothing.
     """
 
     attn: torch.Tensor | None = None
@@ -60,5 +62,5 @@ Plan = list[LayerPlan] | None  # None: dense for every layer
 
 
 def validate_kv(kv: str) -> None:
-    if kv not in ("compute", "none", "copy"):
-        raise ValueError(f"kv mode must be 'compute', 'none' or 'copy', not {kv!r}")
+    if kv not in ("compute", "none", "copy", "filled"):
+        raise ValueError(f"kv mode must be 'compute', 'none', 'copy' or 'filled', not {kv!r}")

@@ -228,5 +228,8 @@ def _account(stats: Stats, work: Stats, fed: list[int], B: int, engine: Engine) 
     stats.flops += work.flops
     stats.weight_bytes += work.weight_bytes
     stats.head_flops += dense_heads
+    stats.dense_head_flops += dense_heads
     stats.overhead_flops += work.overhead_flops + max(0.0, work.head_flops - dense_heads)
-    stats.head_bytes += work.head_bytes
+    stats.head_bytes += work.head_bytes  # every draft and verification call reads the head
+    stats.overhead_bytes += work.overhead_bytes
+    stats.dense_head_bytes += engine.cfg.hidden_size * engine.cfg.vocab_size * stats.weight_bytes_per_param * len(fed)

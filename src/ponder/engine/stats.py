@@ -27,6 +27,9 @@ class Stats:
     dense_weight_bytes: float = 0.0
     head_flops: float = 0.0  # final norm + LM head on the rows whose logits were asked for
     head_bytes: float = 0.0
+    dense_head_flops: float = 0.0  # the same for dense (which computes every requested row's logits)
+    dense_head_bytes: float = 0.0
+    overhead_bytes: float = 0.0  # weights a policy reads for its own decisions (an exit check reads the LM head)
     tokens: int = 0
     steps: int = 0
     unit_maps: list[torch.Tensor] = field(default_factory=list)  # per step: (B, T, L) uint8 of ATTN|FFN|KV bits
@@ -80,10 +83,22 @@ class Stats:
     def add_overhead(self, flops: float) -> None:
         self.overhead_flops += flops
 
-    def add_head(self, rows: int) -> None:
+    def add_head_check(self, rows: int) -> None:
+        """A policy consulting the LM head itself (an exit check): its FLOPs, and the head's weights read once."""
         c = self.cfg
-        self.head_flops += 2.0 * rows * c.hidden_size * c.vocab_size
-        self.head_bytes += c.hidden_size * c.vocab_size * self.weight_bytes_per_param
+        self.overhead_flops += 2.0 * rows * c.hidden_size * c.vocab_size
+        self.overhead_bytes += c.hidden_size * c.vocab_size * self.weight_bytes_per_param
+
+    def add_head(self, rows: int, dense_rows: int | None = None) -> None:
+        """Final logits for ``rows`` rows, where dense would have computed ``dense_rows`` (default: the same); rows
+        whose logits a policy already had (an exit check's) are not recomputed, so they cost nothing here."""
+        c = self.cfg
+        dense_rows = rows if dense_rows is None else dense_rows
+        per_row, head = 2.0 * c.hidden_size * c.vocab_size, c.hidden_size * c.vocab_size * self.weight_bytes_per_param
+        self.head_flops += rows * per_row
+        self.head_bytes += head if rows else 0.0
+        self.dense_head_flops += dense_rows * per_row
+        self.dense_head_bytes += head if dense_rows else 0.0
 
     # ---- read by benches and the CLI -----------------------------------------------------------------------------
     @property
@@ -97,14 +112,15 @@ class Stats:
     @property
     def total_flops_fraction(self) -> float:
         """Everything executed, LM head included, over the same for dense: the prefill speed prediction."""
-        d = self.dense_flops + self.head_flops
+        d = self.dense_flops + self.dense_head_flops
         return (self.flops + self.overhead_flops + self.head_flops) / d if d else 1.0
 
     @property
     def total_weight_bytes_fraction(self) -> float:
-        """Weights read, LM head included (read every step): the decode speed prediction (bandwidth bound)."""
-        d = self.dense_weight_bytes + self.head_bytes
-        return (self.weight_bytes + self.head_bytes) / d if d else 1.0
+        """Weights read, LM head and a policy's own head checks included: the decode speed prediction (bandwidth
+        bound). The dense side reads the head once per step."""
+        d = self.dense_weight_bytes + self.dense_head_bytes
+        return (self.weight_bytes + self.overhead_bytes + self.head_bytes) / d if d else 1.0
 
     def layers_used(self) -> list[torch.Tensor]:
         """Per step, (B, T) count of layers in which each token ran attention or its FFN."""

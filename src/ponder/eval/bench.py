@@ -312,8 +312,10 @@ class Bench:
         p1, pn = quality.new_stats(e), quality.new_stats(e, record_tokens=True)
         pol.generate(e, self.decode_prompts[:1], sc1, p1)
         pol.generate(e, self.decode_prompts[:1], scn, pn)
-        wb = pn.weight_bytes - p1.weight_bytes + pn.head_bytes - p1.head_bytes
-        dwb = pn.dense_weight_bytes - p1.dense_weight_bytes + pn.head_bytes - p1.head_bytes
+        # Everything read, on both sides: the policy's layers, its own checks and its head calls (a draft reads the
+        # head too) against dense's layers and one head per step.
+        wb = (pn.weight_bytes + pn.overhead_bytes + pn.head_bytes) - (p1.weight_bytes + p1.overhead_bytes + p1.head_bytes)
+        dwb = (pn.dense_weight_bytes + pn.dense_head_bytes) - (p1.dense_weight_bytes + p1.dense_head_bytes)
         out["decode_total_weight_bytes_fraction"] = wb / dwb if dwb > 0 else None
         maps = pn.unit_maps
         if maps:

@@ -8,8 +8,9 @@ overhead in the FLOPs fraction; that is why checks are sparse.
 
 What an exited token leaves in the KV cache of the layers it skipped (``kv_fill``), since later tokens attend there:
 
-- ``"state"`` (default): its hidden state is frozen at exit and each skipped layer projects K/V from it
-  (``kv="compute"``; CALM's state propagation; costs the K/V projections, about 8% of a layer each);
+- ``"state"`` (default): its hidden state is frozen at exit and each skipped layer projects K/V from it (CALM's
+  state propagation; costs the K/V projections, about 8% of a layer each). The projections for all skipped layers
+  run at once when the token leaves (``Engine.exit_kv``), and the later layers are told ``kv="filled"``;
 - ``"kv-copy"``: each skipped layer copies the K/V the token produced in the last layer it ran, with no projection
   (``kv="copy"``; the "state copying" FFN-SkipLLM blames for factual collapse: later tokens read K/V computed for
   another layer's weights);
@@ -55,9 +56,19 @@ class ExitPlanner:
         self.engine = engine
         self.kv = check_kv_fill(kv_fill)
         self.rows: torch.Tensor | None = None  # flat indices of the rows still running, ascending
+        self.check_logits: torch.Tensor | None = None  # set by ``leave`` when its check computed the head
+        self._known: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits) of this step's leavers
 
     def checks_at(self, i: int) -> bool:
         raise NotImplementedError
+
+    def known_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat rows, logits) of this step's tokens whose final logits an exit check already computed."""
+        if not self._known:
+            return None
+        if len(self._known) == 1:
+            return self._known[0]
+        return torch.cat([r for r, _ in self._known]), torch.cat([lg for _, lg in self._known])
 
     def leave(self, i: int, h: torch.Tensor, rows: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Boolean (n,) over the running rows ``rows`` (flat indices), given their states ``h`` (n, D)."""
@@ -70,14 +81,24 @@ class ExitPlanner:
         N = ctx.B * ctx.T
         if i == 0:
             self.rows = torch.arange(N, device=x.device)
+            self._known = []
             self.begin(x, ctx)
         rows = self.rows
         if self.checks_at(i) and rows.numel():
-            out = self.leave(i, x.reshape(-1, x.shape[-1])[rows], rows, ctx)
+            h = x.reshape(-1, x.shape[-1])[rows]
+            self.check_logits = None
+            out = self.leave(i, h, rows, ctx)
+            if bool(out.any()):
+                # The leavers' states are frozen from here on: write their K/V for every remaining layer now, and
+                # keep the logits the check computed from those very states (the step's output for them).
+                if self.kv == "compute":
+                    self.engine.exit_kv(i, rows[out], h[out], ctx)
+                if self.check_logits is not None:
+                    self._known.append((rows[out], self.check_logits[out]))
             self.rows = rows = rows[~out]  # the running set only shrinks: no mask to rescan every layer
         if rows.numel() == N:
             return None
-        return LayerPlan(attn=rows, ffn=rows, kv=self.kv)
+        return LayerPlan(attn=rows, ffn=rows, kv="filled" if self.kv == "compute" else self.kv)
 
 
 def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -113,8 +134,9 @@ class EarlyExitPlanner(ExitPlanner):
             prev = self.prev.reshape(-1, h.shape[-1])[rows]
             return F.cosine_similarity(prev.float(), h.float(), dim=-1) >= self.thr
         if ctx.stats is not None:
-            ctx.stats.add_overhead(self.engine.head_flops(h.shape[0]))
-        return confidence(self.engine.logits(h), self.kind) >= self.thr
+            ctx.stats.add_head_check(h.shape[0])
+        self.check_logits = self.engine.logits(h)
+        return confidence(self.check_logits, self.kind) >= self.thr
 
 
 @register
