@@ -97,6 +97,21 @@ def test_ffn_skip_keeps_attention_warmup_and_protected_layers(eng):
     assert bool((mid[..., 1:] <= mid[..., :-1]).all())
 
 
+def test_ffn_skip_stops_deciding_once_every_row_skips(eng):
+    """Sticky skipping: when every row of a step already skips, later layers compute no saturation at all (and
+    count none), and the plan is the same FFN-less plan for each of them."""
+    pol = registry.get("ffn-skip", threshold=-1.0)  # everything past warm-up saturates at the first check
+    ids = torch.tensor([CALIB[0][:12], CALIB[1][:12]])
+    cache, pl = eng.new_cache(2, 13), pol.planner(eng)
+    eng.forward(ids, cache, pl, phase="prefill")
+    st = Stats(eng.cfg)
+    eng.forward(ids[:, :1], cache, pl, st, phase="decode")  # position 12 >= warm-up: both rows skip
+    assert st.overhead_flops == pytest.approx(6.0 * eng.cfg.hidden_size * 2)  # one check, at the first layer
+    m = st.unit_maps[0]
+    L = eng.cfg.num_hidden_layers
+    assert bool(((m[..., 1:L - 1] & FFN) == 0).all()) and bool(((m[..., [0, L - 1]] & FFN) > 0).all())
+
+
 def test_ffn_skip_budget_below_its_floor_is_refused_with_the_floor(eng):
     pol = registry.get("ffn-skip", 0.3)
     with pytest.raises(PonderError, match="minimum reachable budget is 0.55"):

@@ -57,6 +57,13 @@ class KVCache:
             m = self.holes[layer] = self.valid.clone()
         m[rows, cols] = False
 
+    def punch_columns(self, layer: int, start: int, end: int) -> None:
+        """Mark every row's slots in columns [start, end) of one layer empty (a step that skipped the layer)."""
+        m = self.holes.get(layer)
+        if m is None:
+            m = self.holes[layer] = self.valid.clone()
+        m[:, start:end] = False
+
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (rejected speculative tokens); their slots are rewritten later."""
         if not 0 <= length <= self.length:

@@ -233,7 +233,9 @@ class Engine:
         causal = not cache.padded and T > 1 and start == 0
         for i in range(first_layer, last_layer):
             plan = planner.layer(i, x, ctx) if planner is not None else None
-            if i in cache.holes:
+            if plan is not None and plan.attn is not None:
+                mask, is_causal = None, False  # planned attention rows build their own mask (or none runs)
+            elif i in cache.holes:
                 mask, is_causal = self._mask(cache, cache.holes[i], T, start, end), False
             else:
                 mask, is_causal = (None, True) if causal else (base_mask, False)
@@ -383,6 +385,13 @@ class Engine:
                     cache.v[i][rows, :, cols] = v.reshape(na, Hk, hd)
                 if plan.kv == "filled":  # the other rows' K/V are already in place
                     kv_rows = None
+                elif not na:  # no row attends here: the step's whole column block is copied or left empty
+                    if plan.kv == "copy" and i > 0:
+                        cache.k[i][:, :, start:end] = cache.k[i - 1][:, :, start:end]
+                        cache.v[i][:, :, start:end] = cache.v[i - 1][:, :, start:end]
+                    else:
+                        cache.punch_columns(i, start, end)
+                    kv_rows = a
                 else:
                     off = torch.ones(N, dtype=torch.bool, device=x.device)
                     off[a] = False

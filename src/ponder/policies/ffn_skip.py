@@ -43,19 +43,29 @@ class FFNSkipPlanner:
         self.sticky = sticky
         self.prev: torch.Tensor | None = None
         self.skipping: torch.Tensor | None = None
+        self.n_skipping = 0  # rows of the step skipping now (one host sync per decided layer)
+        self._all: LayerPlan | None = None
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        N = ctx.B * ctx.T
         if i == 0:
             self.skipping = torch.zeros(ctx.B, ctx.T, dtype=torch.bool, device=x.device)
-        elif i < self.hi and i >= max(self.lo, 1):
+            self.n_skipping = 0
+        elif i < self.hi and i >= max(self.lo, 1) and not (self.sticky and self.n_skipping == N):
+            # (sticky and every row already skipping: nothing left to decide, so nothing is computed)
             sat = F.cosine_similarity(self.prev.float(), x.float(), dim=-1)  # (B, T)
             if ctx.stats is not None:
-                ctx.stats.add_overhead(6.0 * self.D * ctx.B * ctx.T)
+                ctx.stats.add_overhead(6.0 * self.D * N)
             hit = (sat >= self.thr) & (ctx.positions >= self.warmup)
             self.skipping = (self.skipping | hit) if self.sticky else hit
+            self.n_skipping = int(self.skipping.sum())
         self.prev = x
-        if not (self.lo <= i < self.hi) or not bool(self.skipping.any()):
+        if not (self.lo <= i < self.hi) or self.n_skipping == 0:
             return None
+        if self.n_skipping == N:  # the same plan for every such layer: attention for all, no FFN
+            if self._all is None:
+                self._all = LayerPlan(attn=None, ffn=torch.empty(0, dtype=torch.long, device=x.device))
+            return self._all
         return LayerPlan.from_masks(None, ~self.skipping)
 
 
