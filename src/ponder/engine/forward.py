@@ -319,25 +319,8 @@ class Engine:
 
     def _dense_layer(self, i, x, cos, sin, cache, start, end, mask, is_causal):
         w = self.layers[i]
-        B, T, _ = x.shape
-        H, Hk, hd = self._H, self._Hk, self._hd
-        eps = self.cfg.rms_norm_eps
-        h = rms_norm(x, w.ln1, eps)
-        if w.wqkv is not None and w.q_norm is None:
-            # q and k are adjacent in the fused projection: rotate both with one rope call.
-            qkv = F.linear(h, w.wqkv, w.bqkv)
-            qk = apply_rope(qkv[..., : w.qdim + w.kvdim].view(B, T, H + Hk, hd), cos, sin)
-            q, k = qk.split((H, Hk), dim=2)
-            v = qkv[..., w.qdim + w.kvdim:]
-        else:
-            q, k, v = w.qkv(h)
-            q, k = self._qk(w, q.view(B, T, H, hd), k.view(B, T, Hk, hd), cos, sin)
-        ck, cv = cache.k[i], cache.v[i]
-        ck[:, :, start:end] = k.transpose(1, 2)
-        cv[:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
-        o = self._attend(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], mask, is_causal)
-        x = x + F.linear(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
-        return x + w.mlp(rms_norm(x, w.ln2, eps))
+        x = self._dense_attn_rows(i, x, cos, sin, cache, start, end, mask, is_causal)
+        return x + w.mlp(rms_norm(x, w.ln2, self.cfg.rms_norm_eps))
 
     def _planned_layer(self, i, x, plan: LayerPlan, cos, sin, cache: KVCache, start, end, mask, is_causal,
                        stats: Stats | None):
@@ -419,15 +402,25 @@ class Engine:
         return xf.view(B, T, D)
 
     def _dense_attn_rows(self, i, x, cos, sin, cache, start, end, mask, is_causal):
-        """Attention for every row (the FFN half of the layer is planned separately)."""
+        """The attention half of layer ``i`` for every row, residual added (the dense path's, and the planned path's
+        when only the FFN is planned: both pay the same for it)."""
         w = self.layers[i]
         B, T, _ = x.shape
         H, Hk, hd = self._H, self._Hk, self._hd
-        q, k, v = w.qkv(rms_norm(x, w.ln1, self.cfg.rms_norm_eps))
-        q, k = self._qk(w, q.view(B, T, H, hd), k.view(B, T, Hk, hd), cos, sin)
-        cache.k[i][:, :, start:end] = k.transpose(1, 2)
-        cache.v[i][:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
-        o = self._attend(q.transpose(1, 2), cache.k[i][:, :, :end], cache.v[i][:, :, :end], mask, is_causal)
+        h = rms_norm(x, w.ln1, self.cfg.rms_norm_eps)
+        if w.wqkv is not None and w.q_norm is None:
+            # q and k are adjacent in the fused projection: rotate both with one rope call.
+            qkv = F.linear(h, w.wqkv, w.bqkv)
+            qk = apply_rope(qkv[..., : w.qdim + w.kvdim].view(B, T, H + Hk, hd), cos, sin)
+            q, k = qk.split((H, Hk), dim=2)
+            v = qkv[..., w.qdim + w.kvdim:]
+        else:
+            q, k, v = w.qkv(h)
+            q, k = self._qk(w, q.view(B, T, H, hd), k.view(B, T, Hk, hd), cos, sin)
+        ck, cv = cache.k[i], cache.v[i]
+        ck[:, :, start:end] = k.transpose(1, 2)
+        cv[:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
+        o = self._attend(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], mask, is_causal)
         return x + F.linear(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
 
     def _attend_rows(self, i: int, q: torch.Tensor, a: torch.Tensor, T: int, start: int, end: int,
