@@ -20,7 +20,7 @@ from ponder.eval import quality, sweep, timing
 from ponder.eval.envinfo import environment, model_fingerprint
 from ponder.policies import registry
 from ponder.policies.layer_drop import LayerDrop
-from ponder.policies.random_skip import RandomSkip, uniform_hash
+from ponder.policies.random_skip import RandomSkip, uniform_hash, uniform_hash_int
 
 TOL = 2e-5
 CODE = ("def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
@@ -98,6 +98,15 @@ def test_random_hash_is_uniform_and_deterministic():
     assert torch.equal(u, uniform_hash(pos, 3, 0)) and not torch.equal(u, uniform_hash(pos, 4, 0))
     assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
     assert abs(float((u < 0.3).double().mean()) - 0.3) < 0.01
+
+
+def test_random_hash_in_integers_is_the_same_draw():
+    """Small steps draw in Python, large ones with tensors: the two must agree bit for bit, or decoding would skip
+    other layers than recomputation."""
+    pos = torch.cat([torch.arange(3000), torch.tensor([2**20 + 7, 2**31 - 1])])
+    for layer, seed in ((1, 0), (5, 0), (3, 7), (11, 123456)):
+        u = uniform_hash(pos, layer, seed).tolist()
+        assert u == [uniform_hash_int(q, layer, seed) for q in pos.tolist()]
 
 
 @pytest.mark.parametrize("budget", [0.8, 0.6])

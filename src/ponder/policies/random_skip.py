@@ -33,13 +33,35 @@ def uniform_hash(positions: torch.Tensor, layer: int, seed: int) -> torch.Tensor
     return h.to(torch.float64) / 2.0 ** 32
 
 
+def uniform_hash_int(position: int, layer: int, seed: int) -> float:
+    """:func:`uniform_hash` for one position in plain integers: the same bits, without a dozen tensor operations
+    per layer for a decode step's handful of tokens."""
+    h = (position * 0x9E3779B1 + layer * 0x85EBCA77 + seed * 0xC2B2AE3D + 0x27D4EB2F) & _M32
+    for mul in (0x7FEB352D, 0x846CA68B):
+        h = ((h ^ (h >> 16)) * mul) & _M32
+    return (h ^ (h >> 16)) / 2.0 ** 32
+
+
+SMALL_STEP = 64  # up to this many tokens per step, draws are made in Python (decode); larger steps use tensors
+
+
 class RandomSkipPlanner:
     def __init__(self, p: float, seed: int, n_layers: int):
         self.p, self.seed, self.L = p, seed, n_layers
+        self._pos: list[int] | None = None
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        if i == 0:
+            n = ctx.B * ctx.T
+            self._pos = ctx.positions.reshape(-1).tolist() if n <= SMALL_STEP else None
         if i == 0 or i == self.L - 1 or self.p <= 0:
             return None
+        if self._pos is not None:
+            rows = [j for j, q in enumerate(self._pos) if uniform_hash_int(q, i, self.seed) >= self.p]
+            if len(rows) == len(self._pos):
+                return None
+            r = torch.tensor(rows, dtype=torch.long, device=x.device)
+            return LayerPlan(attn=r, ffn=r, kv="compute")
         run = uniform_hash(ctx.positions, i, self.seed) >= self.p  # (B, T) True = this token runs layer i
         return LayerPlan.from_masks(run, run, kv="compute")
 
