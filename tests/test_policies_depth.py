@@ -196,11 +196,14 @@ def test_engine_kv_copy_copies_the_previous_layer(eng):
     assert not cache.holes
 
 
+@pytest.mark.parametrize("stacked", [True, False])  # False: the per-layer loop a large model uses
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # plain, K/V biases, K norm
-def test_exit_kv_writes_what_per_layer_compute_writes(tiny_folder, family):
+def test_exit_kv_writes_what_per_layer_compute_writes(tiny_folder, family, stacked, monkeypatch):
     """The one-shot fill at exit (all skipped layers' K/V in one batched projection) must leave the cache exactly as
     the per-layer ``kv="compute"`` fill does, and later layers with ``kv="filled"`` must not touch those slots."""
     e = api.load(tiny_folder(family, layers=6)[0])
+    if not stacked:
+        monkeypatch.setattr(type(e), "EXIT_STACK_MAX_BYTES", 0)
     L, T = e.cfg.num_hidden_layers, 9
     ids = torch.randint(3, e.cfg.vocab_size, (2, T))
     run = torch.ones(2, T, dtype=torch.bool)
@@ -229,6 +232,7 @@ def test_exit_kv_writes_what_per_layer_compute_writes(tiny_folder, family):
     assert (outs[0][0] - outs[1][0]).abs().max() < 1e-5
     assert outs[0][1] == outs[1][1]  # the same work is counted either way
     assert (caches[1].k[2:, 0, :, 3].abs().sum(-1) > 0).all()  # the slots were written, not left at zero
+    assert (getattr(e, "_exit_kv_stack", None) is not None) == stacked
 
 
 @pytest.mark.parametrize("kv_fill", ["state", "kv-copy", "none"])

@@ -175,28 +175,44 @@ class Engine:
             return
         c, eps = self.cfg, self.cfg.rms_norm_eps
         Hk, hd, L = self._Hk, self._hd, c.num_hidden_layers
-        st = self._exit_stack()
-        ln, wkv, bkv, kn = (t[first:] if t is not None else None for t in st)
         Lr, n = L - first, rows.numel()
+        T = ctx.T
+        r, col = rows // T, rows % T + ctx.start
+        cos, sin = self.rope(ctx.positions.reshape(-1)[rows])  # (n, 1, hd): broadcast over layers and heads
+        st = self._exit_stack()
+        if st is None:  # a large model: no stacked copy of the K/V weights; one layer at a time, still no planning
+            for j in range(first, L):
+                w = self.layers[j]
+                k, v = w.kv(rms_norm(h, w.ln1, eps))
+                k = k.view(n, Hk, hd)
+                if w.k_norm is not None:
+                    k = rms_norm(k, w.k_norm, eps)
+                ctx.cache.k[j][r, :, col] = apply_rope(k, cos, sin)
+                ctx.cache.v[j][r, :, col] = v.reshape(n, Hk, hd)
+            return
+        ln, wkv, bkv, kn = (t[first:] if t is not None else None for t in st)
         hn = rms_norm(h[None].expand(Lr, n, h.shape[-1]), ln[:, None, :], eps)  # (Lr, n, D): each layer's norm
         kv = torch.bmm(hn, wkv.transpose(1, 2)) if bkv is None else torch.baddbmm(bkv[:, None, :], hn, wkv.transpose(1, 2))
         kv = kv.view(Lr, n, 2, Hk, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
         if kn is not None:
             k = rms_norm(k, kn[:, None, None, :], eps)
-        T = ctx.T
-        r, col = rows // T, rows % T + ctx.start
-        pos = ctx.positions.reshape(-1)[rows]
-        cos, sin = self.rope(pos)  # (n, 1, hd): broadcast over layers and heads
         k = apply_rope(k, cos, sin)
         ctx.cache.k[first:, r, :, col] = k.transpose(0, 1)
         ctx.cache.v[first:, r, :, col] = v.transpose(0, 1)
 
-    def _exit_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Per-layer input norms, K|V weights, K|V biases and K norms stacked over layers (built on first use)."""
+    EXIT_STACK_MAX_BYTES = 64 << 20  # above this, exit_kv does not keep a stacked copy of every layer's K/V weights
+
+    def _exit_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """Per-layer input norms, K|V weights, K|V biases and K norms stacked over layers (built on first use), or
+        None when that copy would exceed ``EXIT_STACK_MAX_BYTES`` (a 7B model's would be ~0.5 GB)."""
         st = getattr(self, "_exit_kv_stack", None)
         if st is None:
             ls = self.layers
+            w0 = ls[0].wkv
+            size = sum(t.numel() * t.element_size() for t in w0) * len(ls)
+            if size > self.EXIT_STACK_MAX_BYTES:
+                return None
             wkv = torch.stack([w.wkv[0] if len(w.wkv) == 1 else torch.cat(w.wkv) for w in ls])
             bkv = (torch.stack([w.bkv[0] if len(w.bkv) == 1 else torch.cat(w.bkv) for w in ls])
                    if ls[0].bkv is not None else None)
