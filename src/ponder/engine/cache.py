@@ -50,19 +50,20 @@ class KVCache:
     def layer_valid(self, layer: int) -> torch.Tensor:
         return self.holes.get(layer, self.valid)
 
-    def punch(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Mark (row, col) slots of one layer as empty: those tokens left no K/V there."""
+    def _holes(self, layer: int) -> torch.Tensor:
+        """The layer's own validity mask, created from the base mask on its first hole."""
         m = self.holes.get(layer)
         if m is None:
             m = self.holes[layer] = self.valid.clone()
-        m[rows, cols] = False
+        return m
+
+    def punch(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Mark (row, col) slots of one layer as empty: those tokens left no K/V there."""
+        self._holes(layer)[rows, cols] = False
 
     def punch_columns(self, layer: int, start: int, end: int) -> None:
         """Mark every row's slots in columns [start, end) of one layer empty (a step that skipped the layer)."""
-        m = self.holes.get(layer)
-        if m is None:
-            m = self.holes[layer] = self.valid.clone()
-        m[:, start:end] = False
+        self._holes(layer)[:, start:end] = False
 
     def truncate(self, length: int) -> None:
         """Forget every column from ``length`` on (rejected speculative tokens); their slots are rewritten later."""

@@ -183,12 +183,7 @@ class Engine:
         if st is None:  # a large model: no stacked copy of the K/V weights; one layer at a time, still no planning
             for j in range(first, L):
                 w = self.layers[j]
-                k, v = w.kv(rms_norm(h, w.ln1, eps))
-                k = k.view(n, Hk, hd)
-                if w.k_norm is not None:
-                    k = rms_norm(k, w.k_norm, eps)
-                ctx.cache.k[j][r, :, col] = apply_rope(k, cos, sin)
-                ctx.cache.v[j][r, :, col] = v.reshape(n, Hk, hd)
+                ctx.cache.k[j][r, :, col], ctx.cache.v[j][r, :, col] = self._row_kv(w, rms_norm(h, w.ln1, eps), cos, sin)
             return
         ln, wkv, bkv, kn = (t[first:] if t is not None else None for t in st)
         hn = rms_norm(h[None].expand(Lr, n, h.shape[-1]), ln[:, None, :], eps)  # (Lr, n, D): each layer's norm
@@ -327,6 +322,17 @@ class Engine:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                               enable_gqa=self._H != self._Hk)
 
+    def _row_kv(self, w: LayerWeights, hn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (K-normed, rotated) and V, each (n, Hk, hd), of one layer for normed rows ``hn`` (n, D) at rotary
+        ``cos``/``sin`` (n, 1, hd): what a row leaves in the cache, whether it runs the layer or only fills it."""
+        n = hn.shape[0]
+        k, v = w.kv(hn)
+        k = k.view(n, self._Hk, self._hd)
+        if w.k_norm is not None:
+            k = rms_norm(k, w.k_norm, self.cfg.rms_norm_eps)
+        return apply_rope(k, cos, sin), v.reshape(n, self._Hk, self._hd)
+
     def _qk(self, w: LayerWeights, q: torch.Tensor, k: torch.Tensor, cos, sin):
         if w.q_norm is not None:
             q = rms_norm(q, w.q_norm, self.cfg.rms_norm_eps)
@@ -362,26 +368,16 @@ class Engine:
                 return x
             if plan.kv == "compute":
                 h_all = rms_norm(xf, w.ln1, eps)
-                k, v = w.kv(h_all)
-                k = k.view(N, Hk, hd)
-                if w.k_norm is not None:
-                    k = rms_norm(k, w.k_norm, eps)
-                k = apply_rope(k, cosf, sinf)
+                k, v = self._row_kv(w, h_all, cosf, sinf)
                 cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
-                cache.v[i][:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
+                cache.v[i][:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
                 h_a = h_all[a] if na else None
                 kv_rows = None
             else:
                 h_a = rms_norm(xf[a], w.ln1, eps)
                 if na:
-                    k, v = w.kv(h_a)
-                    k = k.view(na, Hk, hd)
-                    if w.k_norm is not None:
-                        k = rms_norm(k, w.k_norm, eps)
-                    k = apply_rope(k, cosf[a], sinf[a])
                     rows, cols = a // T, a % T + start
-                    cache.k[i][rows, :, cols] = k
-                    cache.v[i][rows, :, cols] = v.reshape(na, Hk, hd)
+                    cache.k[i][rows, :, cols], cache.v[i][rows, :, cols] = self._row_kv(w, h_a, cosf[a], sinf[a])
                 if plan.kv == "filled":  # the other rows' K/V are already in place
                     kv_rows = None
                 elif not na:  # no row attends here: the step's whole column block is copied or left empty
