@@ -210,7 +210,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
                     k = min(k + 1, spec.max_draft) if a == kk else max(1, k - 1)
     t2 = time.perf_counter()
     if stats is not None:
-        _account(stats, work, fed, B, engine)
+        _account(stats, work, fed, B)
     extra = {"exit_layer": E, "acceptance_rate": accepted / drafted if drafted else None,
              "mean_accepted": accepted / rounds if rounds else None,
              "tokens_per_round": (accepted + rounds) / rounds if rounds else None,
@@ -219,12 +219,12 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     return GenerationResult(out, finish, stats, prefill_s=t1 - t0, decode_s=t2 - t1, extra=extra)
 
 
-def _account(stats: Stats, work: Stats, fed: list[int], B: int, engine: Engine) -> None:
+def _account(stats: Stats, work: Stats, fed: list[int], B: int) -> None:
     """Executed work from ``work``; the dense side as if each fed column had been one dense decode step."""
     for col in fed:
         stats.begin_step(B, 1, col)
         stats.end_step()
-    dense_heads = engine.head_flops(B) * len(fed)
+    dense_heads = stats.head_row_flops * B * len(fed)
     stats.flops += work.flops
     stats.weight_bytes += work.weight_bytes
     stats.head_flops += dense_heads
@@ -232,4 +232,4 @@ def _account(stats: Stats, work: Stats, fed: list[int], B: int, engine: Engine) 
     stats.overhead_flops += work.overhead_flops + max(0.0, work.head_flops - dense_heads)
     stats.head_bytes += work.head_bytes  # every draft and verification call reads the head
     stats.overhead_bytes += work.overhead_bytes
-    stats.dense_head_bytes += engine.cfg.hidden_size * engine.cfg.vocab_size * stats.weight_bytes_per_param * len(fed)
+    stats.dense_head_bytes += stats.head_weight_bytes * len(fed)

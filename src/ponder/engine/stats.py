@@ -83,22 +83,29 @@ class Stats:
     def add_overhead(self, flops: float) -> None:
         self.overhead_flops += flops
 
+    @property
+    def head_row_flops(self) -> float:
+        """FLOPs of the LM head for one row."""
+        return 2.0 * self.cfg.hidden_size * self.cfg.vocab_size
+
+    @property
+    def head_weight_bytes(self) -> float:
+        """Bytes of the LM head's weights, read once per call however many rows it serves."""
+        return self.cfg.hidden_size * self.cfg.vocab_size * self.weight_bytes_per_param
+
     def add_head_check(self, rows: int) -> None:
         """A policy consulting the LM head itself (an exit check): its FLOPs, and the head's weights read once."""
-        c = self.cfg
-        self.overhead_flops += 2.0 * rows * c.hidden_size * c.vocab_size
-        self.overhead_bytes += c.hidden_size * c.vocab_size * self.weight_bytes_per_param
+        self.overhead_flops += rows * self.head_row_flops
+        self.overhead_bytes += self.head_weight_bytes
 
     def add_head(self, rows: int, dense_rows: int | None = None) -> None:
         """Final logits for ``rows`` rows, where dense would have computed ``dense_rows`` (default: the same); rows
         whose logits a policy already had (an exit check's) are not recomputed, so they cost nothing here."""
-        c = self.cfg
         dense_rows = rows if dense_rows is None else dense_rows
-        per_row, head = 2.0 * c.hidden_size * c.vocab_size, c.hidden_size * c.vocab_size * self.weight_bytes_per_param
-        self.head_flops += rows * per_row
-        self.head_bytes += head if rows else 0.0
-        self.dense_head_flops += dense_rows * per_row
-        self.dense_head_bytes += head if dense_rows else 0.0
+        self.head_flops += rows * self.head_row_flops
+        self.head_bytes += self.head_weight_bytes if rows else 0.0
+        self.dense_head_flops += dense_rows * self.head_row_flops
+        self.dense_head_bytes += self.head_weight_bytes if dense_rows else 0.0
 
     # ---- read by benches and the CLI -----------------------------------------------------------------------------
     @property

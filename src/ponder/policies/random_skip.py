@@ -22,12 +22,14 @@ from .base import Policy
 from .registry import register
 
 _M32 = 0xFFFFFFFF
+_P, _L, _S, _C = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F  # the hash's constants, shared by both forms
+_ROUNDS = (0x7FEB352D, 0x846CA68B)
 
 
 def uniform_hash(positions: torch.Tensor, layer: int, seed: int) -> torch.Tensor:
     """Deterministic uniforms in [0, 1) for each position (a 32-bit integer hash: splitmix-style mixing)."""
-    h = (positions.to(torch.int64) * 0x9E3779B1 + layer * 0x85EBCA77 + seed * 0xC2B2AE3D + 0x27D4EB2F) & _M32
-    for mul in (0x7FEB352D, 0x846CA68B):
+    h = (positions.to(torch.int64) * _P + layer * _L + seed * _S + _C) & _M32
+    for mul in _ROUNDS:
         h = ((h ^ (h >> 16)) * mul) & _M32
     h = h ^ (h >> 16)
     return h.to(torch.float64) / 2.0 ** 32
@@ -36,8 +38,8 @@ def uniform_hash(positions: torch.Tensor, layer: int, seed: int) -> torch.Tensor
 def uniform_hash_int(position: int, layer: int, seed: int) -> float:
     """:func:`uniform_hash` for one position in plain integers: the same bits, without a dozen tensor operations
     per layer for a decode step's handful of tokens."""
-    h = (position * 0x9E3779B1 + layer * 0x85EBCA77 + seed * 0xC2B2AE3D + 0x27D4EB2F) & _M32
-    for mul in (0x7FEB352D, 0x846CA68B):
+    h = (position * _P + layer * _L + seed * _S + _C) & _M32
+    for mul in _ROUNDS:
         h = ((h ^ (h >> 16)) * mul) & _M32
     return (h ^ (h >> 16)) / 2.0 ** 32
 
