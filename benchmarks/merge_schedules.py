@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def unmerge_encode(eng, seqs, ratio: float, layers: set[int], attn: bool, ffn: bool) -> tuple[torch.Tensor, float, float]:
     """Embeddings (B, D) with per-layer merge -> compute -> unmerge; returns (embeddings, flops, dense flops)."""
-    from ponder.encoders.reduce import bipartite_soft_matching, compaction, gather_rows
+    from ponder.encoders.reduce import bipartite_soft_matching, compaction, gather_rows, merge_wavg
     from ponder.models.bert import _ACTIVATIONS, attend, embed_tokens, key_bias, merge_heads, split_heads
 
     W, cfg = eng.W, eng.cfg
@@ -52,11 +52,7 @@ def unmerge_encode(eng, seqs, ratio: float, layers: set[int], attn: bool, ffn: b
         return bipartite_soft_matching(t, mergeable, torch.floor(mergeable.sum(1) * ratio).long())
 
     def merge(t, merged, dst):
-        size = valid.to(t.dtype)
-        w = size * merged
-        tot = size.scatter_add(1, dst, w)
-        xs = (t * size[..., None]).scatter_add(1, dst[..., None].expand_as(t), t * w[..., None])
-        xs = xs / tot.clamp_min(1e-6)[..., None]
+        xs, tot = merge_wavg(t, valid.to(t.dtype), merged, dst)
         order, nv, o2n = compaction(valid & ~merged)
         return gather_rows(xs, order), gather_rows(tot, order), o2n.gather(1, dst), nv
 
