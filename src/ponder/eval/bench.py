@@ -256,8 +256,10 @@ class Bench:
         sc = SamplingConfig(max_new_tokens=n, temperature=0.0, stop_tokens=())
 
         def run():
-            st = quality.new_stats(e)  # counters on both sides alike (no per-token maps: they cost time)
-            res = generate(e, prompts, sc, None, st) if pol is None else pol.generate(e, prompts, sc, st)
+            # No counters on either side: a deployment does not run them, and they cost a planned layer more than a
+            # dense one (index sets to count), which would bill bookkeeping to the policy. The work is counted in
+            # separate runs of the same calls (``compute_fields``).
+            res = generate(e, prompts, sc, None, None) if pol is None else pol.generate(e, prompts, sc, None)
             if per_step:  # seconds per decode step: decode time over the tokens produced after the first
                 steps = max(1, len(res.tokens[0]) - 1)
                 return res.decode_s / steps
