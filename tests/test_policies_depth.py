@@ -112,6 +112,28 @@ def test_ffn_skip_stops_deciding_once_every_row_skips(eng):
     assert bool(((m[..., 1:L - 1] & FFN) == 0).all()) and bool(((m[..., [0, L - 1]] & FFN) > 0).all())
 
 
+def test_ffn_skip_one_token_steps_decide_exactly_as_a_batch(eng):
+    """A single-token decode step decides in Python floats, a batch in tensors: both must make the same decision
+    for every token and layer (the same float32 sums, the same float64 cosine), not merely similar ones."""
+    pol = registry.get("ffn-skip", 0.75)
+    pol.calibrate(eng, CALIB)
+    prompts = [CALIB[3][:9], CALIB[4][:5], CALIB[5][:12]]
+    sc = SamplingConfig(max_new_tokens=10, stop_tokens=())
+
+    def decode_ffn(ps):
+        st = Stats(eng.cfg, record_tokens=True)
+        toks = pol.generate(eng, ps, sc, st).tokens
+        return toks, torch.stack([(m[:, 0] & FFN) > 0 for m in st.unit_maps[1:]], 1)  # (B, steps, L)
+
+    toks, batch = decode_ffn(prompts)
+    alone = [decode_ffn([p]) for p in prompts]
+    assert toks == [t[0] for t, _ in alone]
+    for b, (_, m) in enumerate(alone):
+        assert torch.equal(batch[b], m[0])
+    mid = batch[..., 1:-1]
+    assert bool(mid.any()) and not bool(mid.all())  # decisions went both ways: the comparison could fail
+
+
 def test_ffn_skip_budget_below_its_floor_is_refused_with_the_floor(eng):
     pol = registry.get("ffn-skip", 0.3)
     with pytest.raises(PonderError, match="minimum reachable budget is 0.55"):

@@ -19,11 +19,11 @@ recomputation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..engine.forward import Engine, StepContext
 from ..engine.plan import LayerPlan
@@ -34,6 +34,11 @@ from .registry import register
 
 
 class FFNSkipPlanner:
+    """Why the arithmetic looks hand-rolled: at batch 1 the check runs once per layer per token and each torch call
+    costs microseconds, as much as the FFN it might save in a small model. So the squared norm of a layer's input is
+    kept for the next layer's check, and a single-token step decides in Python from two numbers. Both paths compute
+    the same float32 reductions per row and the same float64 cosine, so a batch decides exactly as its rows alone."""
+
     def __init__(self, engine: Engine, threshold: float, warmup: int, first: int, last: int, sticky: bool):
         self.L = engine.cfg.num_hidden_layers
         self.D = engine.cfg.hidden_size
@@ -42,23 +47,33 @@ class FFNSkipPlanner:
         self.lo, self.hi = first, self.L - last  # unprotected layers: [lo, hi)
         self.sticky = sticky
         self.prev: torch.Tensor | None = None
-        self.skipping: torch.Tensor | None = None
+        self.prev_sq: torch.Tensor | float | None = None  # squared norms of ``prev`` per row, when already known
+        self.skipping: torch.Tensor | bool = False  # (B, T) bool, or a Python bool for a one-token step
+        self.eligible: torch.Tensor | bool = False  # past warm-up
         self.n_skipping = 0  # rows of the step skipping now (one host sync per decided layer)
         self._all: LayerPlan | None = None
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
         N = ctx.B * ctx.T
         if i == 0:
-            self.skipping = torch.zeros(ctx.B, ctx.T, dtype=torch.bool, device=x.device)
-            self.n_skipping = 0
+            self.n_skipping, self.prev_sq = 0, None
+            if N == 1:
+                self.skipping, self.eligible = False, int(ctx.positions) >= self.warmup
+            else:
+                self.skipping, self.eligible = None, ctx.positions >= self.warmup
         elif i < self.hi and i >= max(self.lo, 1) and not (self.sticky and self.n_skipping == N):
             # (sticky and every row already skipping: nothing left to decide, so nothing is computed)
-            sat = F.cosine_similarity(self.prev.float(), x.float(), dim=-1)  # (B, T)
+            hit = self._saturated(x, N)
             if ctx.stats is not None:
                 ctx.stats.add_overhead(6.0 * self.D * N)
-            hit = (sat >= self.thr) & (ctx.positions >= self.warmup)
-            self.skipping = (self.skipping | hit) if self.sticky else hit
-            self.n_skipping = int(self.skipping.sum())
+            if N == 1:
+                self.skipping = (self.skipping or hit) if self.sticky else hit
+                self.n_skipping = int(self.skipping)
+            else:
+                self.skipping = hit if (self.skipping is None or not self.sticky) else (self.skipping | hit)
+                self.n_skipping = int(self.skipping.sum())
+        else:
+            self.prev_sq = None
         self.prev = x
         if not (self.lo <= i < self.hi) or self.n_skipping == 0:
             return None
@@ -67,6 +82,23 @@ class FFNSkipPlanner:
                 self._all = LayerPlan(attn=None, ffn=torch.empty(0, dtype=torch.long, device=x.device))
             return self._all
         return LayerPlan.from_masks(None, ~self.skipping)
+
+    def _saturated(self, x: torch.Tensor, N: int) -> torch.Tensor | bool:
+        """cos(state entering the previous layer, state entering this one) >= threshold, past warm-up."""
+        p, xf = self.prev.float(), x.float()
+        if self.prev_sq is None:
+            pp = (p * p).sum(-1)
+            self.prev_sq = pp.item() if N == 1 else pp.double()
+        px_xx = (torch.stack((p, xf)) * xf).sum(-1)  # [prev . x, x . x]
+        if N == 1:
+            px, xx = px_xx.view(2).tolist()
+            cos = px / max(math.sqrt(self.prev_sq * xx), 1e-12)
+            self.prev_sq = xx
+            return cos >= self.thr and self.eligible
+        px, xx = px_xx.double()
+        cos = px / (self.prev_sq * xx).sqrt().clamp_min(1e-12)
+        self.prev_sq = xx
+        return (cos >= self.thr) & self.eligible
 
 
 @register
