@@ -117,7 +117,7 @@ def _token_by_token(eng, ids, skip):
         for i, w in enumerate(eng.layers):
             h = rms_norm(x, w.ln1, c.rms_norm_eps)
             q, k, v = w.qkv(h)
-            cos, sin = eng.rope(torch.arange(T))
+            cos, sin = eng.rope(torch.arange(T), T)
             q = apply_rope(q.view(T, H, hd), cos, sin)
             k = apply_rope(k.view(T, Hk, hd), cos, sin)
             v = v.view(T, Hk, hd)

@@ -144,6 +144,7 @@ class Engine:
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         self.inv_freq = model.inv_freq.to(self.device)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         c = self.cfg
         self._H, self._Hk, self._hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.name = "model"
@@ -152,8 +153,15 @@ class Engine:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_tables(positions.to(torch.float32)[..., None] * self.inv_freq, self.dtype)
+    def rope(self, positions: torch.Tensor, below: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and half-negated sin for ``positions`` (all ``< below``), looked up in tables computed once (the same
+        values, elementwise, as computing them per step: a dozen calls per decode step saved)."""
+        t = self._rope
+        if t is None or t[0].shape[0] < below:
+            n = max(below, 2 * t[0].shape[0] if t is not None else 256)
+            f = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq
+            t = self._rope = rope_tables(f, self.dtype)  # (n, 1, hd) each
+        return t[0][positions], t[1][positions]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (shared by every exit point)."""
@@ -176,7 +184,7 @@ class Engine:
         Lr, n = L - first, rows.numel()
         T = ctx.T
         r, col = rows // T, rows % T + ctx.start
-        cos, sin = self.rope(ctx.positions.reshape(-1)[rows])  # (n, 1, hd): broadcast over layers and heads
+        cos, sin = self.rope(ctx.positions.reshape(-1)[rows], ctx.end)  # (n, 1, hd): broadcast over layers, heads
         st = self._exit_stack()
         if st is None:  # a large model: no stacked copy of the K/V weights; one layer at a time, still no planning
             for j in range(first, L):
@@ -233,7 +241,7 @@ class Engine:
         else:  # continuing a step whose columns were reserved by the earlier call
             start, end = cache.length - T, cache.length
         positions = cache.positions(start, end)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, end)
         x = F.embedding(ids, self.embed) if hidden is None else hidden
         ctx = StepContext(self, B, T, start, end, positions, phase, stats, cache)
         if stats is not None and first_layer == 0:
