@@ -359,15 +359,20 @@ class Engine:
         N = B * T
         H, Hk, hd = self._H, self._Hk, self._hd
         eps = self.cfg.rms_norm_eps
-        xf = x.reshape(N, D)
-        cosf, sinf = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
         a, f = plan.attn, plan.ffn
         attn_ctx = None
         kv_rows: torch.Tensor | None
         if a is None:  # attention dense, only the FFN is planned
-            xf = self._dense_attn_rows(i, x, cos, sin, cache, start, end, mask, is_causal).reshape(N, D)
+            x = self._dense_attn_rows(i, x, cos, sin, cache, start, end, mask, is_causal)
+            if f is not None and not f.numel():  # and no row runs it: the attention half is the whole layer
+                if stats is not None:
+                    stats.layer(i, None, None, f, None)
+                return x
+            xf = x.reshape(N, D)
             kv_rows = None
         else:
+            xf = x.reshape(N, D)
+            cosf, sinf = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
             na = a.numel()
             if plan.kv == "filled" and not na and f is not None and not f.numel():
                 # Every row has left (its K/V written ahead): nothing runs and nothing is read.
@@ -377,8 +382,11 @@ class Engine:
             if plan.kv == "compute":
                 h_all = rms_norm(xf, w.ln1, eps)
                 k, v = self._row_kv(w, h_all, cosf, sinf)
-                cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
-                cache.v[i][:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
+                if T == 1:  # (B, Hk, hd) is the column's layout already
+                    cache.k[i][:, :, start], cache.v[i][:, :, start] = k, v
+                else:
+                    cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
+                    cache.v[i][:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
                 h_a = h_all[a] if na else None
                 kv_rows = None
             else:

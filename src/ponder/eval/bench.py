@@ -71,7 +71,9 @@ class BenchSettings:
     decode_batch: int = 8
     warmup: int = 1
     repeats: int = 5
-    min_timed_s: float = 0.4  # per measurement and side: add rounds until each side ran this long
+    # per measurement and side: add rounds until each side ran this long. 2 s gives batch-1 decode ~10 paired rounds:
+    # this host is noisy in bursts, and a median of 5 rounds moved by 10% between runs (2026-11-26)
+    min_timed_s: float = 2.0
     peer: bool = True
     profile: str = "full"
 
