@@ -19,9 +19,10 @@ Batches advance together: every row keeps the smallest accepted count of the bat
 their extra drafts, which stay valid samples, and draft them again). The draft length adapts online: one longer
 after a fully accepted round, one shorter after a rejection.
 
-Accounting. The engine counts every layer and head call that ran (drafts that were thrown away included) into a
-private Stats; the caller's Stats then gets that work, while its dense side counts, per token the dense model would
-have fed, one dense decode step. Head calls beyond the dense model's one per token are policy overhead.
+Accounting (only when the caller passes a Stats: counting costs time in every layer). The engine counts every layer
+and head call that ran (drafts thrown away included) into a private Stats; the caller's Stats then gets that work,
+while its dense side counts, per token the dense model would have fed, one dense decode step. Head calls beyond the
+dense model's one per token are policy overhead.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     out: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
     done = [False] * B
-    work = Stats(engine.cfg, weight_bytes_per_param=engine.embed.element_size(), record_tokens=False)
+    # The engine's counts of what ran, for the caller's Stats; none without one (counting costs time per layer).
+    work = (Stats(engine.cfg, weight_bytes_per_param=engine.embed.element_size(), record_tokens=False)
+            if stats is not None else None)
 
     def emit(col: list[int]) -> None:
         for b in range(B):
@@ -177,7 +180,8 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
                             tok = torch.multinomial(qs[-1], 1, generator=gen).squeeze(1)
                         drafts.append(tok)
                 block = torch.stack([x] + drafts, 1)  # (B, kk+1)
-                work.begin_step(B, kk + 1, start)  # a resumed forward begins no step: size the counters for it
+                if work is not None:  # a resumed forward begins no step: size the counters for it
+                    work.begin_step(B, kk + 1, start)
                 v = engine.forward(block, cache, None, work, logits="all", phase="verify", first_layer=E,
                                    hidden=torch.cat(hs, 1)).logits  # 2. verify: (B, kk+1, V)
             d = block[:, 1:]
