@@ -202,6 +202,7 @@ class Engine:
         ctx.cache.k[first:, r, :, col] = k.transpose(0, 1)
         ctx.cache.v[first:, r, :, col] = v.transpose(0, 1)
 
+    SMALL_TQ = 16  # up to this many queries per row, attention runs as two batched matmuls instead of SDPA
     EXIT_STACK_MAX_BYTES = 64 << 20  # above this, exit_kv does not keep a stacked copy of every layer's K/V weights
 
     def _exit_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
@@ -317,15 +318,17 @@ class Engine:
         if mask is not None:
             mask = mask[:, None]
         B, H, Tq, hd = q.shape
-        if Tq == 1:
-            # One query per row (decode): two small batched matmuls beat the fused SDPA kernel's set-up cost on CPU
-            # (measured ~24 vs ~57 us at 8 heads x 100 keys). Query heads are grouped onto their KV head; (batch,
-            # KV head) merge into one matmul batch dimension without a copy, even for a cache slice.
+        if Tq == 1 or (mask is not None and Tq <= self.SMALL_TQ):
+            # Decode, or a few queries per row (speculative verification): two small batched matmuls beat the fused
+            # SDPA kernel's set-up cost on CPU (measured ~24 vs ~57 us at 8 heads x 100 keys, one query). Query
+            # heads are grouped onto their KV head; (batch, KV head) merge into one matmul batch dimension without
+            # a copy, even for a cache slice.
             Hk, Tk = k.shape[1], k.shape[2]
-            s = torch.bmm(q.reshape(B * Hk, H // Hk, hd), k.reshape(B * Hk, Tk, hd).transpose(1, 2)).mul_(hd ** -0.5)
+            G = H // Hk
+            s = torch.bmm(q.reshape(B * Hk, G * Tq, hd), k.reshape(B * Hk, Tk, hd).transpose(1, 2)).mul_(hd ** -0.5)
             if mask is not None:
-                s = s.view(B, Hk, H // Hk, Tk).masked_fill_(~mask, float("-inf")).view(B * Hk, H // Hk, Tk)
-            return torch.bmm(s.softmax(-1), v.reshape(B * Hk, Tk, hd)).view(B, H, 1, hd)
+                s = s.view(B, Hk, G, Tq, Tk).masked_fill_(~mask[:, :, None], float("-inf")).view(B * Hk, G * Tq, Tk)
+            return torch.bmm(s.softmax(-1), v.reshape(B * Hk, Tk, hd)).view(B, H, Tq, hd)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                               enable_gqa=self._H != self._Hk)
 
