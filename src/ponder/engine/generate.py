@@ -112,6 +112,22 @@ def prefill(engine: Engine, ids: torch.Tensor, pad: torch.Tensor, cache: KVCache
     return engine.forward(ids, cache, planner, stats, logits="last", phase="prefill").logits
 
 
+def emit_column(col: list[int], out: list[list[int]], done: list[bool], finish: list[str], stop: set[int],
+                on_token: Callable[[int, int], None] | None) -> bool:
+    """Append one new token per live row (a finished row's token is dropped), marking rows that reach a stop token;
+    True when some row stopped now. Plain Python: at batch 1 each tensor call here would cost as much as a small
+    layer's matmul, and every policy and dense alike would pay it."""
+    stopped = False
+    for b, t in enumerate(col):
+        if not done[b]:
+            out[b].append(t)
+            if on_token is not None:
+                on_token(b, t)
+            if t in stop:
+                finish[b], done[b], stopped = "stop", True, True
+    return stopped
+
+
 def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None = None,
              planner_factory: Callable[[], Planner | None] | None = None, stats: Stats | None = None,
              on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -122,8 +138,6 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
     B = len(prompts)
     ids, pad, cache, gen = begin(engine, prompts, sc, sc.max_new_tokens)
     planner = planner_factory() if planner_factory else None
-    # Bookkeeping in Python lists: at batch 1 each tensor call here costs as much as a small layer's matmul, and it
-    # is paid by every policy and by dense alike (it dilutes every measured speedup).
     stop = set(sc.stop_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
@@ -135,14 +149,8 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
         t1 = time.perf_counter()
         for step in range(sc.max_new_tokens):
             nxt = pick(logits, sc, gen)
-            toks = nxt.tolist()
-            for b in range(B):
-                if not done[b]:
-                    out[b].append(toks[b])
-                    if on_token is not None:
-                        on_token(b, toks[b])
-                    if toks[b] in stop:
-                        finish[b], done[b], done_t = "stop", True, None
+            if emit_column(nxt.tolist(), out, done, finish, stop, on_token):
+                done_t = None
             if all(done) or step == sc.max_new_tokens - 1:
                 break
             if any(done):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .forward import Engine
-from .generate import GenerationResult, SamplingConfig, begin, distribution, pick, prefill
+from .generate import GenerationResult, SamplingConfig, begin, distribution, emit_column, pick, prefill
 from .stats import Stats
 
 
@@ -125,13 +125,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
             if stats is not None else None)
 
     def emit(col: list[int]) -> None:
-        for b in range(B):
-            if not done[b]:
-                out[b].append(col[b])
-                if on_token is not None:
-                    on_token(b, col[b])
-                if col[b] in stop:
-                    finish[b], done[b] = "stop", True
+        emit_column(col, out, done, finish, stop, on_token)
 
     emitted = 0
     drafted = accepted = rounds = 0

@@ -48,7 +48,8 @@ class FFNSkipPlanner:
         self.sticky = sticky
         self.prev: torch.Tensor | None = None
         self.prev_sq: torch.Tensor | float | None = None  # squared norms of ``prev`` per row, when already known
-        self.skipping: torch.Tensor | bool = False  # (B, T) bool, or a Python bool for a one-token step
+        # (B, T) bool (None before a batch step's first check), or a Python bool for a one-token step
+        self.skipping: torch.Tensor | bool | None = False
         self.eligible: torch.Tensor | bool = False  # past warm-up
         self.n_skipping = 0  # rows of the step skipping now (one host sync per decided layer)
         self._all: LayerPlan | None = None
