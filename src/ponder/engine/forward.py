@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..models.config import ModelConfig
 from ..models.llama import LlamaModel, apply_rope, rms_norm, rope_tables
+from . import fused
 from .cache import KVCache
 from .plan import LayerPlan
 from .stats import Stats
@@ -148,6 +149,10 @@ class Engine:
         c = self.cfg
         self._H, self._Hk, self._hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.name = "model"
+        # The compiled layer halves (engine/fused.py): CPU only (the only device they are tested on), fused weights
+        # only. Same bits as the Python halves; None runs those.
+        self._fused = fused.load() if self.device.type == "cpu" and self.layers and self.layers[0].wqkv is not None \
+            and len(self.layers[0].wgu) == 1 else None
 
     # ---- small pieces, also used by policies ------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -353,7 +358,13 @@ class Engine:
         w = self.layers[i]
         x = self._dense_attn_rows(i, x, cos, sin, cache, start, end, mask, is_causal)
         xf = x.view(-1, x.shape[-1])  # 2-D: a 3-D linear pays for reshapes around its matmul
-        return (xf + w.mlp(rms_norm(xf, w.ln2, self.cfg.rms_norm_eps))).view(x.shape)
+        return self._ffn(w, xf).view(x.shape)
+
+    def _ffn(self, w: LayerWeights, xf: torch.Tensor) -> torch.Tensor:
+        """The FFN half with its residual, for rows xf (N, D)."""
+        if self._fused is not None:
+            return self._fused.ffn(xf, w.ln2, self.cfg.rms_norm_eps, w.wgu[0], w.wd)
+        return xf + w.mlp(rms_norm(xf, w.ln2, self.cfg.rms_norm_eps))
 
     def _planned_layer(self, i, x, plan: LayerPlan, cos, sin, cache: KVCache, start, end, mask, is_causal,
                        stats: Stats | None):
@@ -424,8 +435,8 @@ class Engine:
                 q = apply_rope(q, cosf[a], sinf[a])
                 o, attn_ctx = self._attend_rows(i, q, a, T, start, end, cache)
                 xf = xf.index_add(0, a, F.linear(o, w.wo))
-        if f is None:
-            xf = xf + w.mlp(rms_norm(xf, w.ln2, eps))
+        if f is None or f.numel() == N:  # every row runs it: no gather, no scatter (x + m either way, same bits)
+            xf = self._ffn(w, xf)
         elif f.numel():
             xf = xf.index_add(0, f, w.mlp(rms_norm(xf[f], w.ln2, eps)))
         if stats is not None:
@@ -463,6 +474,9 @@ class Engine:
         weights they read; every reshape, 4-D broadcast and 3-D linear saved here is a few microseconds per layer."""
         B = x.shape[0]
         H, Hk, hd = self._H, self._Hk, self._hd
+        if self._fused is not None:
+            return self._fused.decode_attn(x, w.ln1, self.cfg.rms_norm_eps, w.wqkv, w.bqkv, w.wo, cos, sin,
+                                           cache.k[i], cache.v[i], start, end, mask, H, Hk, hd)
         qkv = F.linear(rms_norm(x, w.ln1, self.cfg.rms_norm_eps), w.wqkv, w.bqkv)
         qk = apply_rope(qkv[:, : w.qdim + w.kvdim].view(B, H + Hk, hd), cos.view(B, 1, hd), sin.view(B, 1, hd))
         ck, cv = cache.k[i], cache.v[i]

@@ -77,6 +77,14 @@ def _pkg_version(name: str) -> str | None:
         return None
 
 
+def _layer_steps(dev: torch.device) -> str:
+    if dev.type != "cpu":
+        return "python"
+    from ..engine import fused
+
+    return fused.status()
+
+
 def environment(device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> dict[str, Any]:
     """The machine and software a measurement ran on (cheap: cached pieces, no benchmarking)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -91,6 +99,8 @@ def environment(device: torch.device | str | None = None, dtype: torch.dtype | s
         "device": str(dev),
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "attention": ATTENTION_IMPL,
+        # the compiled layer halves (engine/fused.py) or the Python ones: same results, different batch-1 speed
+        "layer_steps": _layer_steps(dev),
         "ponder": ponder_version(),
         "git_commit": git_commit(),
         "transformers": _pkg_version("transformers"),
