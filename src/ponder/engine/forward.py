@@ -394,13 +394,17 @@ class Engine:
                     stats.layer(i, a, None, f, None)
                 return x
             if plan.kv == "compute":
-                h_all = rms_norm(xf, w.ln1, eps)
-                k, v = self._row_kv(w, h_all, cosf, sinf)
-                if T == 1:  # (B, Hk, hd) is the column's layout already
-                    cache.k[i][:, :, start], cache.v[i][:, :, start] = k, v
+                if T == 1 and self._fused is not None and len(w.wkv) == 1:  # norm, K/V and cache write in C++
+                    h_all = self._fused.decode_kv(xf, w.ln1, eps, w.wkv[0], w.bkv[0] if w.bkv else None, w.k_norm,
+                                                  cos, sin, cache.k[i], cache.v[i], start, Hk, hd)
                 else:
-                    cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
-                    cache.v[i][:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
+                    h_all = rms_norm(xf, w.ln1, eps)
+                    k, v = self._row_kv(w, h_all, cosf, sinf)
+                    if T == 1:  # (B, Hk, hd) is the column's layout already
+                        cache.k[i][:, :, start], cache.v[i][:, :, start] = k, v
+                    else:
+                        cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
+                        cache.v[i][:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
                 h_a = h_all[a] if na else None
                 kv_rows = None
             else:
@@ -451,6 +455,9 @@ class Engine:
         if T == 1 and w.wqkv is not None and w.q_norm is None:
             return self._decode_attn(w, i, x.view(B, D), cos, sin, cache, start, end, mask).view(B, 1, D)
         H, Hk, hd = self._H, self._Hk, self._hd
+        if self._fused is not None and w.q_norm is None:
+            return self._fused.attn_rows(x, w.ln1, self.cfg.rms_norm_eps, w.wqkv, w.bqkv, w.wo, cos, sin, cache.k[i],
+                                         cache.v[i], start, end, mask, is_causal, H, Hk, hd, self.SMALL_TQ)
         h = rms_norm(x, w.ln1, self.cfg.rms_norm_eps)
         if w.wqkv is not None and w.q_norm is None:
             # q and k are adjacent in the fused projection: rotate both with one rope call.

@@ -44,6 +44,59 @@ Tensor decode_attn(const Tensor& x, const Tensor& ln1, double eps, const Tensor&
   return x + at::linear(o, wo);
 }
 
+// Engine._attend: q (B, H, Tq, hd) against k, v (B, Hk, Tk, hd); mask (B, Tq, Tk) boolean or absent. Up to
+// `small_tq` queries with a mask, or one query, as two batched matmuls; otherwise SDPA.
+static Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask0,
+                     bool is_causal, int64_t small_tq) {
+  std::optional<Tensor> mask;
+  if (mask0.has_value()) mask = mask0->unsqueeze(1);  // (B, 1, Tq, Tk)
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), hd = q.size(3);
+  const int64_t Hk = k.size(1), Tk = k.size(2), G = H / Hk;
+  if (Tq == 1 || (mask.has_value() && Tq <= small_tq)) {
+    Tensor s = at::bmm(q.reshape({B * Hk, G * Tq, hd}), k.reshape({B * Hk, Tk, hd}).transpose(1, 2))
+                   .mul_(std::pow(static_cast<double>(hd), -0.5));
+    if (mask.has_value())
+      s = s.view({B, Hk, G, Tq, Tk}).masked_fill_(mask->unsqueeze(2).logical_not(), -INFINITY)
+              .view({B * Hk, G * Tq, Tk});
+    return at::bmm(s.softmax(-1), v.reshape({B * Hk, Tk, hd})).view({B, H, Tq, hd});
+  }
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal && !mask.has_value(), std::nullopt,
+                                          H != Hk);
+}
+
+// Engine._dense_attn_rows for T new tokens per row, x (B, T, D) (prefill, scoring, speculative verification): writes
+// columns [start, end) and returns x plus the attention output.
+Tensor attn_rows(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wqkv, const std::optional<Tensor>& bqkv,
+                 const Tensor& wo, const Tensor& cos, const Tensor& sin, const Tensor& ck, const Tensor& cv,
+                 int64_t start, int64_t end, const std::optional<Tensor>& mask, bool is_causal, int64_t H,
+                 int64_t Hk, int64_t hd, int64_t small_tq) {
+  const int64_t B = x.size(0), T = x.size(1), qdim = H * hd, kvdim = Hk * hd;
+  Tensor qkv = at::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
+  Tensor qk = qkv.slice(2, 0, qdim + kvdim).view({B, T, H + Hk, hd});
+  qk = qk * cos + qk.roll({hd / 2}, {-1}) * sin;
+  auto qks = qk.split({H, Hk}, 2);
+  ck.slice(2, start, end).copy_(qks[1].transpose(1, 2));
+  cv.slice(2, start, end).copy_(qkv.slice(2, qdim + kvdim).reshape({B, T, Hk, hd}).transpose(1, 2));
+  Tensor o = attend(qks[0].transpose(1, 2), ck.slice(2, 0, end), cv.slice(2, 0, end), mask, is_causal, small_tq);
+  return x + at::linear(o.transpose(1, 2).reshape({B, T, qdim}), wo);
+}
+
+// Engine._row_kv plus the cache write, for one new token per row (a row that skips the layer but leaves K/V, plan
+// kv="compute"): writes column `start` and returns the normed rows (the rows that do attend reuse them).
+Tensor decode_kv(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wkv, const std::optional<Tensor>& bkv,
+                 const std::optional<Tensor>& k_norm, const Tensor& cos, const Tensor& sin, const Tensor& ck,
+                 const Tensor& cv, int64_t start, int64_t Hk, int64_t hd) {
+  const int64_t n = x.size(0), kvdim = Hk * hd;
+  Tensor h = rms_norm(x, ln1, eps);
+  auto kv = at::linear(h, wkv, bkv).split({kvdim, kvdim}, -1);
+  Tensor k = kv[0].view({n, Hk, hd});
+  if (k_norm.has_value()) k = rms_norm(k, *k_norm, eps);
+  Tensor c = cos.view({n, 1, hd}), s = sin.view({n, 1, hd});
+  ck.select(2, start).copy_(k * c + k.roll({hd / 2}, {-1}) * s);
+  cv.select(2, start).copy_(kv[1].reshape({n, Hk, hd}));
+  return h;
+}
+
 // The FFN half with its residual for rows x (N, D): x + down(silu(gate) * up) of the normed rows, gate|up fused.
 Tensor ffn(const Tensor& x, const Tensor& ln2, double eps, const Tensor& wgu, const Tensor& wd) {
   auto gu = at::linear(rms_norm(x, ln2, eps), wgu).chunk(2, -1);
@@ -53,4 +106,6 @@ Tensor ffn(const Tensor& x, const Tensor& ln2, double eps, const Tensor& wgu, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attn", &decode_attn);
   m.def("ffn", &ffn);
+  m.def("decode_kv", &decode_kv);
+  m.def("attn_rows", &attn_rows);
 }
