@@ -138,3 +138,15 @@ def test_fused_multi_token_steps_give_the_same_bits(tiny_folder, family):
     for x, y in zip(*outs):
         assert torch.equal(x, y)
     assert fz._fused.calls.get("attn_rows", 0) >= 3 * fz.cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_saturation_sums_equal_the_python_ones(tiny_folder, dtype):
+    """ffn-skip's one-token check reads these three numbers; compiled or not, they are the same floats."""
+    fz, py = _pair(tiny_folder("llama")[0], "float32")
+    g = torch.Generator().manual_seed(5)
+    p, x = (torch.randn(1, 1, 64, generator=g).to(dtype) for _ in range(2))
+    for with_pp in (True, False):
+        a, b = fz.sat_dots(p, x, with_pp), py.sat_dots(p, x, with_pp)
+        assert a == b and len(a) == 2 + with_pp and all(isinstance(v, float) for v in a)
+    assert fz._fused.calls.get("sat_dots") == 2

@@ -168,6 +168,16 @@ class Engine:
             t = self._rope = rope_tables(f, self.dtype)  # (n, 1, hd) each
         return t[0][positions], t[1][positions]
 
+    def sat_dots(self, p: torch.Tensor, x: torch.Tensor, with_pp: bool) -> list[float]:
+        """For one token's states ``p`` and ``x``: ``[p.p,] p.x, x.x`` as float32 sums widened to Python floats (a
+        saturation check's cosine parts). One compiled call instead of six small ones per layer, because at batch 1
+        such a check runs in every layer it decides and costs as much as a tenth of the layer."""
+        if self._fused is not None and p.device.type == "cpu":
+            return self._fused.sat_dots(p, x, with_pp)
+        pf, xf = p.float(), x.float()
+        out = [(pf * pf).sum(-1).item()] if with_pp else []
+        return out + (torch.stack((pf, xf)) * xf).sum(-1).view(2).tolist()
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (shared by every exit point)."""
         return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.head)

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 using at::Tensor;
 
@@ -103,9 +104,23 @@ Tensor ffn(const Tensor& x, const Tensor& ln2, double eps, const Tensor& wgu, co
   return x + at::linear(at::silu(gu[0]) * gu[1], wd);
 }
 
+// FFNSkipPlanner's one-token saturation check: [p.p,] p.x and x.x as the float32 sums the Python check computes
+// ((p * p).sum(-1), (stack(p, x) * x).sum(-1)), widened to double exactly as .item() / .tolist() do.
+std::vector<double> sat_dots(const Tensor& p, const Tensor& x, bool with_pp) {
+  Tensor pf = p.to(at::kFloat), xf = x.to(at::kFloat);
+  std::vector<double> out;
+  if (with_pp) out.push_back((pf * pf).sum(-1).item<double>());
+  Tensor px_xx = (at::stack({pf, xf}) * xf).sum(-1).view({2});
+  const float* d = px_xx.data_ptr<float>();
+  out.push_back(static_cast<double>(d[0]));
+  out.push_back(static_cast<double>(d[1]));
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attn", &decode_attn);
   m.def("ffn", &ffn);
   m.def("decode_kv", &decode_kv);
   m.def("attn_rows", &attn_rows);
+  m.def("sat_dots", &sat_dots);
 }

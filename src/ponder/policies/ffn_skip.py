@@ -64,7 +64,7 @@ class FFNSkipPlanner:
                 self.skipping, self.eligible = None, ctx.positions >= self.warmup
         elif i < self.hi and i >= max(self.lo, 1) and not (self.sticky and self.n_skipping == N):
             # (sticky and every row already skipping: nothing left to decide, so nothing is computed)
-            hit = self._saturated(x, N)
+            hit = self._saturated(x, N, ctx.engine)
             if ctx.stats is not None:
                 ctx.stats.add_overhead(6.0 * self.D * N)
             if N == 1:
@@ -84,19 +84,20 @@ class FFNSkipPlanner:
             return self._all
         return LayerPlan.from_masks(None, ~self.skipping)
 
-    def _saturated(self, x: torch.Tensor, N: int) -> torch.Tensor | bool:
+    def _saturated(self, x: torch.Tensor, N: int, engine: Engine) -> torch.Tensor | bool:
         """cos(state entering the previous layer, state entering this one) >= threshold, past warm-up."""
-        p, xf = self.prev.float(), x.float()
-        if self.prev_sq is None:
-            pp = (p * p).sum(-1)
-            self.prev_sq = pp.item() if N == 1 else pp.double()
-        px_xx = (torch.stack((p, xf)) * xf).sum(-1)  # [prev . x, x . x]
         if N == 1:
-            px, xx = px_xx.view(2).tolist()
+            d = engine.sat_dots(self.prev, x, self.prev_sq is None)  # [[prev . prev,] prev . x, x . x]
+            if self.prev_sq is None:
+                self.prev_sq = d[0]
+            px, xx = d[-2], d[-1]
             cos = px / max(math.sqrt(self.prev_sq * xx), 1e-12)
             self.prev_sq = xx
             return cos >= self.thr and self.eligible
-        px, xx = px_xx.double()
+        p, xf = self.prev.float(), x.float()
+        if self.prev_sq is None:
+            self.prev_sq = (p * p).sum(-1).double()
+        px, xx = (torch.stack((p, xf)) * xf).sum(-1).double()  # [prev . x, x . x]
         cos = px / (self.prev_sq * xx).sqrt().clamp_min(1e-12)
         self.prev_sq = xx
         return (cos >= self.thr) & self.eligible
