@@ -415,6 +415,10 @@ class Engine:
                     else:
                         cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
                         cache.v[i][:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
+                if not na and f is not None and not f.numel():  # the whole layer skipped, its K/V left behind
+                    if stats is not None:
+                        stats.layer(i, a, None, f, None)
+                    return x
                 h_a = h_all[a] if na else None
                 kv_rows = None
             else:

@@ -51,6 +51,7 @@ class RandomSkipPlanner:
     def __init__(self, p: float, seed: int, n_layers: int):
         self.p, self.seed, self.L = p, seed, n_layers
         self._pos: list[int] | None = None
+        self._none: LayerPlan | None = None  # every row skips, K/V computed: one plan object, built once
 
     def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
         if i == 0:
@@ -62,6 +63,10 @@ class RandomSkipPlanner:
             rows = [j for j, q in enumerate(self._pos) if uniform_hash_int(q, i, self.seed) >= self.p]
             if len(rows) == len(self._pos):
                 return None
+            if not rows:  # at batch 1 the usual case; a fresh tensor and plan per layer cost more than the K/V
+                if self._none is None:
+                    self._none = LayerPlan.skip(x.device, kv="compute")
+                return self._none
             r = torch.tensor(rows, dtype=torch.long, device=x.device)
             return LayerPlan(attn=r, ffn=r, kv="compute")
         run = uniform_hash(ctx.positions, i, self.seed) >= self.p  # (B, T) True = this token runs layer i
