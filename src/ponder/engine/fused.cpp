@@ -1,8 +1,9 @@
-// ponder's fused decode steps: the same ATen calls as the Python layer halves in forward.py, in the same order (so
-// the same bits), issued from C++. Why: at batch 1 a decode layer half is ~10-20 small tensor calls on a 256-wide
-// model, and the Python interpreter's share of each call (argument parsing, view bookkeeping, the dispatcher entry)
-// costs as much as the arithmetic. Moving the call sequence below Python removes that share for dense and planned
-// layers alike; it does not fuse kernels or change any arithmetic.
+// ponder's fused decode steps: the Python layer halves of forward.py issued from C++, with the same bits. Why: at
+// batch 1 a decode layer half is ~10-20 small tensor calls on a 256-wide model, and the interpreter's share of each
+// call (argument parsing, view bookkeeping, the dispatcher entry) costs as much as the arithmetic. Matmuls, sums and
+// softmax stay ATen calls. For float32 the purely elementwise parts (the tail of rms_norm, rotary embedding, cache
+// writes) are plain loops doing the same IEEE operations in the same order, which is why this file is compiled with
+// -ffp-contract=off: a fused multiply-add would round once where ATen rounds twice. Other dtypes take the ATen calls.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -11,13 +12,67 @@
 
 using at::Tensor;
 
+static bool plain_f32(const Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
+
 // models/llama.py rms_norm: float32 arithmetic, sum / n, conversions only when needed.
 static Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
   const bool f32 = x.scalar_type() == at::kFloat;
+  if (f32 && x.is_contiguous() && plain_f32(w) && w.dim() == 1) {
+    // ATen's sum (its reduction order), then rsqrt(s / n + eps) and (x * r) * w elementwise, rounding as ATen does.
+    Tensor ss = (x * x).sum(-1, true);
+    Tensor out = at::empty_like(x);
+    const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+    const float *px = x.data_ptr<float>(), *pw = w.data_ptr<float>(), *ps = ss.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    const float fd = static_cast<float>(D), fe = static_cast<float>(eps);
+    for (int64_t r = 0; r < rows; ++r) {
+      float m = ps[r] / fd;
+      m = m + fe;
+      const float inv = 1.0f / std::sqrt(m);
+      const float* xr = px + r * D;
+      float* orow = po + r * D;
+      for (int64_t j = 0; j < D; ++j) orow[j] = (xr[j] * inv) * pw[j];
+    }
+    return out;
+  }
   Tensor xf = f32 ? x : x.to(at::kFloat);
   Tensor r = at::rsqrt((xf * xf).sum(-1, true).div_(x.size(-1)).add_(eps));
   Tensor y = xf * r;
   return (f32 ? y : y.to(x.scalar_type())) * w;
+}
+
+// apply_rope for one token per row, float32: src (n, heads, hd) with unit inner stride, cos/sin (n, 1, hd) contiguous;
+// heads [0, split) go to `a` (n, split, hd) contiguous and heads [split, heads) to `b`, a cache column viewed as
+// (n, heads - split, hd) with any strides: x * cos + roll(x, hd / 2) * sin, element by element.
+static void rope_into(const Tensor& src, const Tensor& cos, const Tensor& sin, int64_t split, const Tensor& a,
+                      const Tensor& b) {
+  const int64_t n = src.size(0), heads = src.size(1), hd = src.size(2), half = hd / 2;
+  const float *ps = src.data_ptr<float>(), *pc = cos.data_ptr<float>(), *pn = sin.data_ptr<float>();
+  float *pa = split ? a.data_ptr<float>() : nullptr, *pb = b.data_ptr<float>();
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), b0 = b.stride(0), b1 = b.stride(1);
+  TORCH_CHECK(b.stride(2) == 1, "rope_into: the cache column must have unit inner stride");
+  for (int64_t r = 0; r < n; ++r) {
+    const float *c = pc + r * hd, *sn = pn + r * hd;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* x = ps + r * s0 + h * s1;
+      float* o = h < split ? pa + (r * split + h) * hd : pb + r * b0 + (h - split) * b1;
+      for (int64_t j = 0; j < half; ++j) {
+        const float u = x[j] * c[j];
+        const float v = x[j + half] * sn[j];
+        o[j] = u + v;
+      }
+      for (int64_t j = half; j < hd; ++j) {
+        const float u = x[j] * c[j];
+        const float v = x[j - half] * sn[j];
+        o[j] = u + v;
+      }
+    }
+  }
+}
+
+static bool rope_fast(const Tensor& qkv, const Tensor& cos, const Tensor& sin, const Tensor& cache) {
+  return qkv.scalar_type() == at::kFloat && qkv.stride(-1) == 1 && plain_f32(cos) && plain_f32(sin) &&
+         cache.scalar_type() == at::kFloat && cache.stride(-1) == 1 && cos.size(-1) % 2 == 0;
 }
 
 // Engine._decode_attn: one new token per row, x (B, D); writes the row's K/V at column `start` and returns x plus the
@@ -30,11 +85,18 @@ Tensor decode_attn(const Tensor& x, const Tensor& ln1, double eps, const Tensor&
   const int64_t qdim = H * hd, kvdim = Hk * hd, G = H / Hk;
   Tensor qkv = at::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
   Tensor qk = qkv.slice(1, 0, qdim + kvdim).view({B, H + Hk, hd});
-  qk = qk * cos.view({B, 1, hd}) + qk.roll({hd / 2}, {-1}) * sin.view({B, 1, hd});
-  ck.select(2, start).copy_(qk.slice(1, H));
+  Tensor q;
+  if (rope_fast(qkv, cos, sin, ck)) {
+    q = at::empty({B, H, hd}, qkv.options());
+    rope_into(qk, cos, sin, H, q, ck.select(2, start));
+    q = q.unsqueeze(2);
+  } else {
+    qk = qk * cos.view({B, 1, hd}) + qk.roll({hd / 2}, {-1}) * sin.view({B, 1, hd});
+    ck.select(2, start).copy_(qk.slice(1, H));
+    q = qk.slice(1, 0, H).unsqueeze(2);  // (B, H, 1, hd)
+  }
   cv.select(2, start).copy_(qkv.slice(1, qdim + kvdim).view({B, Hk, hd}));
   Tensor k = ck.slice(2, 0, end), v = cv.slice(2, 0, end);
-  Tensor q = qk.slice(1, 0, H).unsqueeze(2);  // (B, H, 1, hd)
   Tensor s = at::bmm(q.reshape({B * Hk, G, hd}), k.reshape({B * Hk, end, hd}).transpose(1, 2))
                  .mul_(std::pow(static_cast<double>(hd), -0.5));
   if (mask.has_value()) {
@@ -92,8 +154,12 @@ Tensor decode_kv(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
   auto kv = at::linear(h, wkv, bkv).split({kvdim, kvdim}, -1);
   Tensor k = kv[0].view({n, Hk, hd});
   if (k_norm.has_value()) k = rms_norm(k, *k_norm, eps);
-  Tensor c = cos.view({n, 1, hd}), s = sin.view({n, 1, hd});
-  ck.select(2, start).copy_(k * c + k.roll({hd / 2}, {-1}) * s);
+  if (rope_fast(k, cos, sin, ck)) {
+    rope_into(k, cos, sin, 0, k, ck.select(2, start));
+  } else {
+    Tensor c = cos.view({n, 1, hd}), s = sin.view({n, 1, hd});
+    ck.select(2, start).copy_(k * c + k.roll({hd / 2}, {-1}) * s);
+  }
   cv.select(2, start).copy_(kv[1].reshape({n, Hk, hd}));
   return h;
 }

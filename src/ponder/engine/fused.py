@@ -56,7 +56,7 @@ def load(verbose: bool = False) -> ModuleType | None:
                 print(f"ponder: compiling the fused decode steps into {d} (once per machine, ~30 s)",
                       file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            mod = _load("ponder_fused", [str(_SRC)], build_directory=str(d), extra_cflags=["-O3"],
+            mod = _load("ponder_fused", [str(_SRC)], build_directory=str(d), extra_cflags=["-O3", "-ffp-contract=off"],
                         verbose=verbose)
             if fresh:
                 print(f"ponder: fused decode steps ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
