@@ -198,8 +198,12 @@ class Engine:
         Hk, hd, L = self._Hk, self._hd, c.num_hidden_layers
         Lr, n = L - first, rows.numel()
         T = ctx.T
-        r, col = rows // T, rows % T + ctx.start
-        cos, sin = self.rope(ctx.positions.reshape(-1)[rows], ctx.end)  # (n, 1, hd): broadcast over layers, heads
+        if ctx.B * T == 1:  # one token (batch-1 decode): its cache column by plain indexing, no index arithmetic
+            r, col = 0, ctx.start
+            cos, sin = self.rope(ctx.positions.reshape(-1), ctx.end)
+        else:
+            r, col = rows // T, rows % T + ctx.start
+            cos, sin = self.rope(ctx.positions.reshape(-1)[rows], ctx.end)  # (n, 1, hd): broadcast over layers, heads
         st = self._exit_stack()
         if st is None:  # a large model: no stacked copy of the K/V weights; one layer at a time, still no planning
             for j in range(first, L):
@@ -214,8 +218,12 @@ class Engine:
         if kn is not None:
             k = rms_norm(k, kn[:, None, None, :], eps)
         k = apply_rope(k, cos, sin)
-        ctx.cache.k[first:, r, :, col] = k.transpose(0, 1)
-        ctx.cache.v[first:, r, :, col] = v.transpose(0, 1)
+        if isinstance(r, int):  # (Lr, 1, Hk, hd) into the (Lr, Hk, hd) column view
+            ctx.cache.k[first:, r, :, col] = k[:, 0]
+            ctx.cache.v[first:, r, :, col] = v[:, 0]
+        else:
+            ctx.cache.k[first:, r, :, col] = k.transpose(0, 1)
+            ctx.cache.v[first:, r, :, col] = v.transpose(0, 1)
 
     SMALL_TQ = 16  # up to this many queries per row, attention runs as two batched matmuls instead of SDPA
     EXIT_STACK_MAX_BYTES = 64 << 20  # above this, exit_kv does not keep a stacked copy of every layer's K/V weights
@@ -300,6 +308,8 @@ class Engine:
         if known is None:
             out = self.logits(sel)
             n = want
+        elif B * T == 1 and known[0].numel() == 1:  # one token, and its check computed its logits: nothing to place
+            out, n = known[1].view(*sel.shape[:-1], self.cfg.vocab_size), 0
         else:
             rows, lg = known
             flat = (torch.arange(B, device=x.device) * T + T - 1) if last else torch.arange(B * T, device=x.device)
@@ -395,14 +405,14 @@ class Engine:
             xf = x.reshape(N, D)
             kv_rows = None
         else:
-            xf = x.reshape(N, D)
-            cosf, sinf = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
             na = a.numel()
             if plan.kv == "filled" and not na and f is not None and not f.numel():
                 # Every row has left (its K/V written ahead): nothing runs and nothing is read.
                 if stats is not None:
                     stats.layer(i, a, None, f, None)
                 return x
+            xf = x.reshape(N, D)
+            cosf, sinf = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
             if plan.kv == "compute":
                 if T == 1 and self._fused is not None and len(w.wkv) == 1:  # norm, K/V and cache write in C++
                     h_all = self._fused.decode_kv(xf, w.ln1, eps, w.wkv[0], w.bkv[0] if w.bkv else None, w.k_norm,

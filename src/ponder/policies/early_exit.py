@@ -58,6 +58,7 @@ class ExitPlanner:
         self.rows: torch.Tensor | None = None  # flat indices of the rows still running, ascending
         self.check_logits: torch.Tensor | None = None  # set by ``leave`` when its check computed the head
         self._known: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits) of this step's leavers
+        self._gone: LayerPlan | None = None
 
     def checks_at(self, i: int) -> bool:
         raise NotImplementedError
@@ -88,16 +89,27 @@ class ExitPlanner:
             h = x.reshape(-1, x.shape[-1])[rows]
             self.check_logits = None
             out = self.leave(i, h, rows, ctx)
-            if bool(out.any()):
+            if rows.numel() == 1:  # one running token (batch-1 decode): a Python branch instead of three gathers
+                if bool(out):
+                    if self.kv == "compute":
+                        self.engine.exit_kv(i, rows, h, ctx)
+                    if self.check_logits is not None:
+                        self._known.append((rows, self.check_logits))
+                    self.rows = rows = rows[:0]
+            elif bool(out.any()):
                 # The leavers' states are frozen from here on: write their K/V for every remaining layer now, and
                 # keep the logits the check computed from those very states (the step's output for them).
                 if self.kv == "compute":
                     self.engine.exit_kv(i, rows[out], h[out], ctx)
                 if self.check_logits is not None:
                     self._known.append((rows[out], self.check_logits[out]))
-            self.rows = rows = rows[~out]  # the running set only shrinks: no mask to rescan every layer
+                self.rows = rows = rows[~out]  # the running set only shrinks: no mask to rescan every layer
         if rows.numel() == N:
             return None
+        if not rows.numel():  # every token has left: the same plan for each remaining layer, built once
+            if self._gone is None:
+                self._gone = LayerPlan(attn=rows, ffn=rows, kv="filled" if self.kv == "compute" else self.kv)
+            return self._gone
         return LayerPlan(attn=rows, ffn=rows, kv="filled" if self.kv == "compute" else self.kv)
 
 
