@@ -11,7 +11,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 # Compile the fused decode steps now (~30 s, once per machine and torch version) so no run pays for it; without a
 # C++ compiler this says so and ponder runs its Python path (same results, slower at batch 1).
-.venv/bin/python -m ponder.engine.fused
+.venv/bin/python -c "from ponder.engine import fused; fused.main()"
 # Headless Chromium renders the HTML report in a test; install it where apt is available and it is missing.
 if [ "${PONDER_SKIP_CHROMIUM:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -75,6 +75,7 @@ def status() -> str:
     return "cpp" if load() is not None else "python"
 
 
-if __name__ == "__main__":  # scripts/setup.sh: build ahead, say what happened
+def main() -> None:
+    """scripts/setup.sh: build ahead and say what happened."""
     m = load()
     print(f"fused decode steps: {'built, in ' + str(build_dir()) if m is not None else 'not available (Python path)'}")
