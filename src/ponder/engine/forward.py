@@ -103,6 +103,14 @@ def prepare_layers(model: LlamaModel, fuse: bool = True) -> list[LayerWeights]:
     return out
 
 
+def saturation_sums(p: torch.Tensor, x: torch.Tensor, with_pp: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per row of states ``p`` and ``x`` (..., D): ``p.p`` (or None) and the stacked ``[p.x, x.x]`` (2, ...), as
+    float32 sums. One definition for a saturation check's cosine parts, whether a batch asks or one token does
+    (``Engine.sat_dots``; ``fused.cpp`` computes the same calls), so both decide alike."""
+    pf, xf = p.float(), x.float()
+    return ((pf * pf).sum(-1) if with_pp else None), (torch.stack((pf, xf)) * xf).sum(-1)
+
+
 @dataclass
 class StepContext:
     """What a planner may look at when deciding a layer's plan."""
@@ -172,11 +180,10 @@ class Engine:
         """For one token's states ``p`` and ``x``: ``[p.p,] p.x, x.x`` as float32 sums widened to Python floats (a
         saturation check's cosine parts). One compiled call instead of six small ones per layer, because at batch 1
         such a check runs in every layer it decides and costs as much as a tenth of the layer."""
-        if self._fused is not None and p.device.type == "cpu":
+        if self._fused is not None:
             return self._fused.sat_dots(p, x, with_pp)
-        pf, xf = p.float(), x.float()
-        out = [(pf * pf).sum(-1).item()] if with_pp else []
-        return out + (torch.stack((pf, xf)) * xf).sum(-1).view(2).tolist()
+        pp, px_xx = saturation_sums(p, x, with_pp)
+        return ([pp.item()] if pp is not None else []) + px_xx.view(2).tolist()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (shared by every exit point)."""

@@ -75,36 +75,23 @@ static bool rope_fast(const Tensor& qkv, const Tensor& cos, const Tensor& sin, c
          cache.scalar_type() == at::kFloat && cache.stride(-1) == 1 && cos.size(-1) % 2 == 0;
 }
 
-// Engine._decode_attn: one new token per row, x (B, D); writes the row's K/V at column `start` and returns x plus the
-// attention output. `mask` (B, 1, end) boolean or absent; `end` = start + 1 unless the cache has holes beyond.
-Tensor decode_attn(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wqkv,
-                   const std::optional<Tensor>& bqkv, const Tensor& wo, const Tensor& cos, const Tensor& sin,
-                   const Tensor& ck, const Tensor& cv, int64_t start, int64_t end, const std::optional<Tensor>& mask,
-                   int64_t H, int64_t Hk, int64_t hd) {
-  const int64_t B = x.size(0);
-  const int64_t qdim = H * hd, kvdim = Hk * hd, G = H / Hk;
-  Tensor qkv = at::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
-  Tensor qk = qkv.slice(1, 0, qdim + kvdim).view({B, H + Hk, hd});
-  Tensor q;
-  if (rope_fast(qkv, cos, sin, ck)) {
-    q = at::empty({B, H, hd}, qkv.options());
-    rope_into(qk, cos, sin, H, q, ck.select(2, start));
-    q = q.unsqueeze(2);
-  } else {
-    qk = qk * cos.view({B, 1, hd}) + qk.roll({hd / 2}, {-1}) * sin.view({B, 1, hd});
-    ck.select(2, start).copy_(qk.slice(1, H));
-    q = qk.slice(1, 0, H).unsqueeze(2);  // (B, H, 1, hd)
+// models/llama.py apply_rope with ATen calls (any dtype, any shape): x * cos + roll(x, hd / 2) * sin.
+static Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  return x * cos + x.roll({x.size(-1) / 2}, {-1}) * sin;
+}
+
+// Rotates one token per row, src (n, heads, hd): heads [0, split) are returned as (n, split, hd), heads
+// [split, heads) are written into the cache column `col` (n, heads - split, hd). Plain loops for float32.
+static Tensor rope_split(const Tensor& src, const Tensor& cos, const Tensor& sin, int64_t split, const Tensor& col) {
+  const int64_t n = src.size(0), hd = src.size(2);
+  if (rope_fast(src, cos, sin, col)) {
+    Tensor a = at::empty({n, split, hd}, src.options());
+    rope_into(src, cos, sin, split, a, col);
+    return a;
   }
-  cv.select(2, start).copy_(qkv.slice(1, qdim + kvdim).view({B, Hk, hd}));
-  Tensor k = ck.slice(2, 0, end), v = cv.slice(2, 0, end);
-  Tensor s = at::bmm(q.reshape({B * Hk, G, hd}), k.reshape({B * Hk, end, hd}).transpose(1, 2))
-                 .mul_(std::pow(static_cast<double>(hd), -0.5));
-  if (mask.has_value()) {
-    Tensor m = mask->unsqueeze(1).unsqueeze(2);  // (B, 1, 1, 1, end), as _attend broadcasts it
-    s = s.view({B, Hk, G, 1, end}).masked_fill_(m.logical_not(), -INFINITY).view({B * Hk, G, end});
-  }
-  Tensor o = at::bmm(s.softmax(-1), v.reshape({B * Hk, end, hd})).view({B, qdim});
-  return x + at::linear(o, wo);
+  Tensor r = rope(src, cos.view({n, 1, hd}), sin.view({n, 1, hd}));
+  col.copy_(r.slice(1, split));
+  return r.slice(1, 0, split);
 }
 
 // Engine._attend: q (B, H, Tq, hd) against k, v (B, Hk, Tk, hd); mask (B, Tq, Tk) boolean or absent. Up to
@@ -127,6 +114,20 @@ static Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const st
                                           H != Hk);
 }
 
+// Engine._decode_attn: one new token per row, x (B, D); writes the row's K/V at column `start` and returns x plus the
+// attention output. `mask` (B, 1, end) boolean or absent; `end` = start + 1 unless the cache has holes beyond.
+Tensor decode_attn(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wqkv,
+                   const std::optional<Tensor>& bqkv, const Tensor& wo, const Tensor& cos, const Tensor& sin,
+                   const Tensor& ck, const Tensor& cv, int64_t start, int64_t end, const std::optional<Tensor>& mask,
+                   int64_t H, int64_t Hk, int64_t hd) {
+  const int64_t B = x.size(0), qdim = H * hd, kvdim = Hk * hd;
+  Tensor qkv = at::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
+  Tensor q = rope_split(qkv.slice(1, 0, qdim + kvdim).view({B, H + Hk, hd}), cos, sin, H, ck.select(2, start));
+  cv.select(2, start).copy_(qkv.slice(1, qdim + kvdim).view({B, Hk, hd}));
+  Tensor o = attend(q.unsqueeze(2), ck.slice(2, 0, end), cv.slice(2, 0, end), mask, false, 1).view({B, qdim});
+  return x + at::linear(o, wo);
+}
+
 // Engine._dense_attn_rows for T new tokens per row, x (B, T, D) (prefill, scoring, speculative verification): writes
 // columns [start, end) and returns x plus the attention output.
 Tensor attn_rows(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wqkv, const std::optional<Tensor>& bqkv,
@@ -136,7 +137,7 @@ Tensor attn_rows(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
   const int64_t B = x.size(0), T = x.size(1), qdim = H * hd, kvdim = Hk * hd;
   Tensor qkv = at::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
   Tensor qk = qkv.slice(2, 0, qdim + kvdim).view({B, T, H + Hk, hd});
-  qk = qk * cos + qk.roll({hd / 2}, {-1}) * sin;
+  qk = rope(qk, cos, sin);
   auto qks = qk.split({H, Hk}, 2);
   ck.slice(2, start, end).copy_(qks[1].transpose(1, 2));
   cv.slice(2, start, end).copy_(qkv.slice(2, qdim + kvdim).reshape({B, T, Hk, hd}).transpose(1, 2));
@@ -154,12 +155,7 @@ Tensor decode_kv(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
   auto kv = at::linear(h, wkv, bkv).split({kvdim, kvdim}, -1);
   Tensor k = kv[0].view({n, Hk, hd});
   if (k_norm.has_value()) k = rms_norm(k, *k_norm, eps);
-  if (rope_fast(k, cos, sin, ck)) {
-    rope_into(k, cos, sin, 0, k, ck.select(2, start));
-  } else {
-    Tensor c = cos.view({n, 1, hd}), s = sin.view({n, 1, hd});
-    ck.select(2, start).copy_(k * c + k.roll({hd / 2}, {-1}) * s);
-  }
+  rope_split(k, cos, sin, 0, ck.select(2, start));
   cv.select(2, start).copy_(kv[1].reshape({n, Hk, hd}));
   return h;
 }

@@ -2,8 +2,9 @@
 
 Why a compiled piece at all: at batch 1 on a CPU, a decode layer half of this model reads 0.8-2.4 MB of weights but
 issues 10-20 small tensor calls, and the interpreter's share of each call is as large as its arithmetic; that fixed
-cost is also why skipping a unit saved less time than its bytes predict. ``fused.cpp`` issues the very same ATen calls
-in the same order (same bits; tests compare both paths) from C++.
+cost is also why skipping a unit saved less time than its bytes predict. ``fused.cpp`` issues the same ATen calls
+from C++ and does the purely elementwise float32 steps as plain loops with ATen's operations in ATen's order (same
+bits; tests compare both paths).
 
 It is optional. Without a C++ compiler, or with ``PONDER_FUSED=0``, the Python layer halves run instead, with one
 line on stderr saying why. The build lands in ``$PONDER_KERNEL_DIR`` (default ``~/.cache/ponder/kernels``), keyed by

@@ -55,6 +55,7 @@ class ExitPlanner:
     def __init__(self, engine: Engine, kv_fill: str):
         self.engine = engine
         self.kv = check_kv_fill(kv_fill)
+        self.plan_kv = "filled" if self.kv == "compute" else self.kv  # leavers' K/V are written at exit
         self.rows: torch.Tensor | None = None  # flat indices of the rows still running, ascending
         self.check_logits: torch.Tensor | None = None  # set by ``leave`` when its check computed the head
         self._known: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits) of this step's leavers
@@ -108,9 +109,9 @@ class ExitPlanner:
             return None
         if not rows.numel():  # every token has left: the same plan for each remaining layer, built once
             if self._gone is None:
-                self._gone = LayerPlan(attn=rows, ffn=rows, kv="filled" if self.kv == "compute" else self.kv)
+                self._gone = LayerPlan(attn=rows, ffn=rows, kv=self.plan_kv)
             return self._gone
-        return LayerPlan(attn=rows, ffn=rows, kv="filled" if self.kv == "compute" else self.kv)
+        return LayerPlan(attn=rows, ffn=rows, kv=self.plan_kv)
 
 
 def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.forward import Engine, StepContext
+from ..engine.forward import Engine, StepContext, saturation_sums
 from ..engine.plan import LayerPlan
 from ..errors import PonderError
 from .base import layer_flops_share
@@ -94,10 +94,10 @@ class FFNSkipPlanner:
             cos = px / max(math.sqrt(self.prev_sq * xx), 1e-12)
             self.prev_sq = xx
             return cos >= self.thr and self.eligible
-        p, xf = self.prev.float(), x.float()
-        if self.prev_sq is None:
-            self.prev_sq = (p * p).sum(-1).double()
-        px, xx = (torch.stack((p, xf)) * xf).sum(-1).double()  # [prev . x, x . x]
+        pp, px_xx = saturation_sums(self.prev, x, self.prev_sq is None)
+        if pp is not None:
+            self.prev_sq = pp.double()
+        px, xx = px_xx.double()  # [prev . x, x . x]
         cos = px / (self.prev_sq * xx).sqrt().clamp_min(1e-12)
         self.prev_sq = xx
         return (cos >= self.thr) & self.eligible
