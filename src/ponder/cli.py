@@ -12,7 +12,9 @@ from .errors import PonderError
 
 
 def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
-    p.add_argument("--model", default="ref", help="local Hugging Face checkpoint folder, or 'ref' (shipped model)")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default), ref, a local Hugging Face checkpoint folder, or a .gguf file "
+                        "(see `ponder models`)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
@@ -31,7 +33,7 @@ def _setup(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     eng = load(args.model, dtype=args.dtype, device=args.device)
     if eng.tokenizer is None:
-        raise PonderError(f"{eng.path} has no tokenizer.json; the CLI needs one to read and write text")
+        raise PonderError(f"{eng.path} has no tokenizer; the CLI needs one to read and write text")
     return eng
 
 
@@ -50,26 +52,60 @@ def calibrate(pol, engine) -> None:
     pol.calibrate(engine, calibration_ids(engine))
 
 
+def chat_messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """The conversation of ``--chat TEXT`` (one user turn) or ``--chat-file FILE`` (a JSON list of {role, content}),
+    or None for a plain ``--prompt``."""
+    if args.chat_file:
+        p = Path(args.chat_file)
+        try:
+            msgs = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise PonderError(f"--chat-file {p} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PonderError(f"--chat-file {p} is not valid JSON ({e}); give a list of "
+                              '{"role": ..., "content": ...} objects') from None
+        if isinstance(msgs, dict) and "messages" in msgs:
+            msgs = msgs["messages"]
+        return msgs
+    if args.chat is not None:
+        if not args.chat.strip():
+            raise PonderError("the chat message is empty; pass --chat TEXT")
+        return [{"role": "user", "content": args.chat}]
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.generate import SamplingConfig
     from .engine.stats import Stats
 
-    if not args.prompt:
+    n_given = sum(x is not None for x in (args.prompt, args.chat, args.chat_file))
+    if n_given != 1:
+        raise PonderError("give exactly one of --prompt TEXT, --chat TEXT or --chat-file FILE")
+    if args.prompt is not None and not args.prompt:
         raise PonderError("the prompt is empty; pass --prompt TEXT")
+    msgs = chat_messages(args)
     eng = _setup(args)
     pol = _policy(args, eng)
-    ids = eng.tokenizer.encode(args.prompt)
+    if msgs is not None:
+        from .models.gguf_tokenizer import render_chat
+
+        if not eng.chat_template:
+            raise PonderError(f"model {args.model} has no chat template; use --prompt TEXT instead of --chat")
+        prompt_text = render_chat(eng.chat_template, msgs, add_generation_prompt=True)
+    else:
+        prompt_text = args.prompt
+    ids = eng.tokenizer.encode(prompt_text)
     if not ids:
         raise PonderError("the prompt is empty; pass --prompt TEXT")
-    stop = tuple(eng.cfg.eos_token_id) if not args.ignore_eos else ()
+    stop = tuple(eng.stop_tokens) if not args.ignore_eos else ()
     sc = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stop_tokens=stop)
     stats = Stats(eng.cfg, weight_bytes_per_param=eng.embed.element_size())
     streamed: list[int] = []
     printed = [0]
 
-    def on_token(row: int, tok: int) -> None:  # stream decoded text as it grows
-        if args.json:
+    def on_token(row: int, tok: int) -> None:  # stream decoded text as it grows (a stop token is not text)
+        if args.json or tok in stop:
             return
         streamed.append(tok)
         text = eng.tokenizer.decode(streamed)
@@ -78,8 +114,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed[0] = len(text)
 
-    if not args.json:
-        sys.stdout.write(args.prompt)
+    if not args.json and msgs is None:
+        sys.stdout.write(prompt_text)
     res = pol.generate(eng, [ids], sc, stats, on_token)
     toks = res.tokens[0]
     text = eng.tokenizer.decode([t for t in toks if t not in stop])
@@ -90,6 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     depth = [int(x) for m in stats.layers_used() for x in m[0].tolist()]
     if args.json:
         print(json.dumps({"text": text, "token_ids": toks, "prompt_tokens": len(ids), "policy": pol.describe(),
+                          "model": str(args.model), "weights": eng.weights_form,
                           "stats": summary, "layers_per_token": depth}))
     else:
         sys.stdout.write("\n")
@@ -150,6 +187,22 @@ def cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.catalog import available
+
+    rows = available()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        state = f"{r['file_mb']} MB at {r['path']}" if r["installed"] else f"not installed: {r['path']}"
+        print(f"{r['name']}{mark}: {r['description']}; {r['layers']} layers, {r['params']} parameters; "
+              f"{r['licence']}\n    {r['provenance']}\n    {state}")
+    print("Any other --model is a path: a Hugging Face checkpoint folder (safetensors) or a .gguf file.")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.recipe import main as train_main
 
@@ -173,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text with a policy")
     _add_model_args(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None, help="plain text continued by the model")
+    g.add_argument("--chat", default=None, help="one user message, rendered with the model's chat template")
+    g.add_argument("--chat-file", default=None,
+                   help='a JSON list of {"role": ..., "content": ...} turns, rendered with the chat template')
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
@@ -187,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=None, help="tokens of context per window (default: model context)")
     e.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: window/2)")
     e.set_defaults(fn=cmd_eval)
+    m = sub.add_parser("models", help="the models ponder can open by name, with size, layers, provenance, licence")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_models)
     p = sub.add_parser("policies", help="list the registered policies and their flags")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_policies)

@@ -157,6 +157,12 @@ class Engine:
         c = self.cfg
         self._H, self._Hk, self._hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.name = "model"
+        # What the loader knows about the model beyond its weights (``ponder.api`` fills these in).
+        self.path: Any = None
+        self.chat_template: str | None = None
+        self.stop_tokens: tuple[int, ...] = tuple(self.cfg.eos_token_id)  # end-of-sequence / end-of-turn ids
+        self.weights_form = str(self.dtype).removeprefix("torch.")
+        self.gguf: Any = None  # models.gguf.GGUFInfo when opened from a GGUF file
         # The compiled layer halves (engine/fused.py): CPU only (the only device they are tested on), fused weights
         # only. Same bits as the Python halves; None runs those.
         self._fused = fused.load() if self.device.type == "cpu" and self.layers and self.layers[0].wqkv is not None \

@@ -25,7 +25,12 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop_tokens: tuple[int, ...] = ()
+    # None: the model's own end-of-sequence / end-of-turn tokens (``Engine.stop_tokens``), as transformers'
+    # generate stops at its EOS; () never stops early.
+    stop_tokens: tuple[int, ...] | None = None
+
+    def stops(self, engine: "Engine") -> set[int]:
+        return set(engine.stop_tokens if self.stop_tokens is None else self.stop_tokens)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -138,7 +143,7 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
     B = len(prompts)
     ids, pad, cache, gen = begin(engine, prompts, sc, sc.max_new_tokens)
     planner = planner_factory() if planner_factory else None
-    stop = set(sc.stop_tokens)
+    stop = sc.stops(engine)
     out: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
     done = [False] * B

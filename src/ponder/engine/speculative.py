@@ -116,7 +116,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     B, N = len(prompts), sc.max_new_tokens
     ids, pad, cache, gen = begin(engine, prompts, sc, N + spec.max_draft + 1)
     greedy = sc.temperature == 0
-    stop = set(sc.stop_tokens)
+    stop = sc.stops(engine)
     out: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
     done = [False] * B

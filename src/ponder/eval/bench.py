@@ -559,14 +559,15 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
             read_text(p)  # missing / empty / not UTF-8: one clear line before the model is even loaded
     points = plan_points(policies, budgets)
     folder = resolve_model(model)
-    if not (Path(folder) / "config.json").is_file():
-        raise PonderError(f"{folder} is not a checkpoint folder (no config.json); pass --model with a Hugging Face "
-                          "folder or 'ref'")
+    is_gguf = Path(folder).is_file() and Path(folder).suffix.lower() == ".gguf"
+    if not is_gguf and not (Path(folder) / "config.json").is_file():
+        raise PonderError(f"{folder} is neither a .gguf file nor a checkpoint folder (no config.json); pass --model "
+                          "with a name from `ponder models`, a Hugging Face folder or a .gguf file")
     fp = envinfo.model_fingerprint(folder)
     out = ResultsFile(out_dir, fp)  # refuses a folder holding another model's results before any work
     engine = load(model, dtype=dtype, device=device)
     if engine.tokenizer is None:
-        raise PonderError(f"{folder} has no tokenizer.json; the bench needs one to read its evaluation text")
+        raise PonderError(f"{folder} has no tokenizer; the bench needs one to read its evaluation text")
     bench = Bench(engine, settings, out, str(model), fp, show_progress)
     todo: list[tuple[str, Any]] = []
     if not (out.has(point_key(bench.base_row("dense", 1.0))) and out.has(point_key(bench.base_row(CONTROL, 1.0)))):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import PonderError
+from ..models.catalog import DEFAULT_MODEL
 
 TASKS: dict[str, str] = {
     "lm": "ponder.eval.bench_cli:run_lm",
@@ -75,7 +76,7 @@ def run_lm(args: argparse.Namespace) -> int:
         if v is not None and v < (0 if k in ("prompts",) else 1):
             raise PonderError(f"--{k.replace('_', '-')} must be positive, got {v}")
     settings = profile_settings(args.quick, **overrides)
-    summary = run_lm_bench(args.model or "ref", policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
+    summary = run_lm_bench(args.model or DEFAULT_MODEL, policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
                            show_progress=not args.no_progress and not args.json, write_report=not args.no_report)
     return print_summary(summary, args.json, "bench", "point(s) measured", _headline)
 
@@ -136,7 +137,7 @@ def add_subcommand(sub: Any) -> None:
                                    "point to OUT/results.jsonl (a rerun skips finished points) and writes "
                                    "OUT/report.html and OUT/report.md.")
     b.add_argument("--model", default=None,
-                   help="local Hugging Face checkpoint folder, or 'ref' (default for --task lm: the shipped model)")
+                   help="smollm2 (default for --task lm), ref, a Hugging Face checkpoint folder or a .gguf file")
     b.add_argument("--task", default="lm", help="what to benchmark: lm (default) or embed (encoder models)")
     b.add_argument("--policies", default=None, help="comma-separated policy names (default: every registered one, plus "
                         "self-speculative:drafter=lookup); a variant with its own "

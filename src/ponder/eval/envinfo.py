@@ -137,8 +137,13 @@ FULL_HASH_LIMIT = 1 << 30  # hash weight files whole up to 1 GiB; sample bigger 
 
 
 def model_fingerprint(folder: str | Path) -> dict[str, Any]:
-    """A content hash of a checkpoint folder's config and weights (independent of path and file times)."""
+    """A content hash of a checkpoint folder's config and weights, or of a GGUF file (independent of path and file
+    times)."""
     folder = Path(folder)
+    if folder.is_file():
+        size = folder.stat().st_size
+        return {"model_sha256": _sha256_file(folder, None if size <= FULL_HASH_LIMIT else 1 << 20)[:16],
+                "model_bytes": size}
     h = hashlib.sha256()
     cfg = folder / "config.json"
     if cfg.is_file():

@@ -152,6 +152,11 @@ def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":  # noqa: F821
         return inv.float()
     if kind == "linear":
         return (inv / float(rs["factor"])).float()
+    if kind == "factors":  # a GGUF's rope_freqs tensor: llama.cpp's per-frequency divisors (Llama 3.x)
+        f = torch.tensor(rs["factors"], dtype=torch.float64)
+        if f.numel() != inv.numel():
+            raise PonderError(f"rope_freqs has {f.numel()} factors, the head needs {inv.numel()}; corrupt file")
+        return (inv / f).float()
     if kind == "llama3":
         factor = float(rs["factor"])
         low = float(rs.get("low_freq_factor", 1.0))
@@ -164,4 +169,4 @@ def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":  # noqa: F821
         smoothed = (1 - smooth) * out / factor + smooth * out
         medium = (wl >= high_wl) & (wl <= low_wl)
         return torch.where(medium, smoothed, out).float()
-    raise PonderError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+    raise PonderError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, factors")

