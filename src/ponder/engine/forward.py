@@ -14,7 +14,7 @@ step, so a plain model pays nothing for the machinery.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,31 +48,35 @@ class LayerWeights:
     k_norm: torch.Tensor | None
     qdim: int
     kvdim: int
+    # The matrix product every half uses: the compiled kernels' (a few rows stream the weights once) when they are
+    # loaded, so the Python halves and the fused ones compute the same bits; F.linear otherwise.
+    lin: Callable[..., torch.Tensor] = F.linear
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.wqkv is not None:
-            return F.linear(h, self.wqkv, self.bqkv).split((self.qdim, self.kvdim, self.kvdim), dim=-1)
+            return self.lin(h, self.wqkv, self.bqkv).split((self.qdim, self.kvdim, self.kvdim), dim=-1)
         k, v = self.kv(h)
-        return F.linear(h, self.wq, self.bq), k, v
+        return self.lin(h, self.wq, self.bq), k, v
 
     def q(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.wq, self.bq)
+        return self.lin(h, self.wq, self.bq)
 
     def kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bkv = self.bkv or (None,) * len(self.wkv)
         if len(self.wkv) == 1:
-            return F.linear(h, self.wkv[0], bkv[0]).split((self.kvdim, self.kvdim), dim=-1)
-        return F.linear(h, self.wkv[0], bkv[0]), F.linear(h, self.wkv[1], bkv[1])
+            return self.lin(h, self.wkv[0], bkv[0]).split((self.kvdim, self.kvdim), dim=-1)
+        return self.lin(h, self.wkv[0], bkv[0]), self.lin(h, self.wkv[1], bkv[1])
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         if len(self.wgu) == 1:
-            g, u = F.linear(h, self.wgu[0]).chunk(2, dim=-1)
+            g, u = self.lin(h, self.wgu[0]).chunk(2, dim=-1)
         else:
-            g, u = F.linear(h, self.wgu[0]), F.linear(h, self.wgu[1])
-        return F.linear(F.silu(g) * u, self.wd)
+            g, u = self.lin(h, self.wgu[0]), self.lin(h, self.wgu[1])
+        return self.lin(F.silu(g) * u, self.wd)
 
 
-def prepare_layers(model: LlamaModel, fuse: bool = True) -> list[LayerWeights]:
+def prepare_layers(model: LlamaModel, fuse: bool = True,
+                   lin: Callable[..., torch.Tensor] = F.linear) -> list[LayerWeights]:
     cfg = model.config
     qdim, kvdim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     out = []
@@ -98,7 +102,7 @@ def prepare_layers(model: LlamaModel, fuse: bool = True) -> list[LayerWeights]:
             wq=wq, wkv=wkv, wqkv=wqkv, bq=bq, bkv=bkv, bqkv=bqkv, wo=a.o_proj.weight, wgu=wgu,
             wd=m.down_proj.weight,
             q_norm=a.q_norm.weight if cfg.qk_norm else None, k_norm=a.k_norm.weight if cfg.qk_norm else None,
-            qdim=qdim, kvdim=kvdim,
+            qdim=qdim, kvdim=kvdim, lin=lin,
         ))
     return out
 
@@ -146,7 +150,10 @@ class Engine:
         self.model = model
         self.cfg: ModelConfig = model.config
         self.tokenizer = tokenizer
-        self.layers = prepare_layers(model, fuse)
+        on_cpu = model.model.embed_tokens.weight.device.type == "cpu"
+        kern = fused.load() if on_cpu and fuse else None
+        self.lin: Callable[..., torch.Tensor] = kern.linear if kern is not None else F.linear
+        self.layers = prepare_layers(model, fuse, self.lin)
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
         self.head = model.head_weight
@@ -165,8 +172,8 @@ class Engine:
         self.gguf: Any = None  # models.gguf.GGUFInfo when opened from a GGUF file
         # The compiled layer halves (engine/fused.py): CPU only (the only device they are tested on), fused weights
         # only. Same bits as the Python halves; None runs those.
-        self._fused = fused.load() if self.device.type == "cpu" and self.layers and self.layers[0].wqkv is not None \
-            and len(self.layers[0].wgu) == 1 else None
+        self._fused = kern if self.layers and self.layers[0].wqkv is not None and len(self.layers[0].wgu) == 1 \
+            else None
 
     # ---- small pieces, also used by policies ------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -193,7 +200,7 @@ class Engine:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (shared by every exit point)."""
-        return F.linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.head)
+        return self.lin(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.head)
 
     def head_flops(self, n: int) -> float:
         return 2.0 * n * self.cfg.hidden_size * self.cfg.vocab_size
@@ -475,7 +482,7 @@ class Engine:
                     q = rms_norm(q, w.q_norm, eps)
                 q = apply_rope(q, cosf[a], sinf[a])
                 o, attn_ctx = self._attend_rows(i, q, a, T, start, end, cache)
-                xf = xf.index_add(0, a, F.linear(o, w.wo))
+                xf = xf.index_add(0, a, self.lin(o, w.wo))
         if f is None or f.numel() == N:  # every row runs it: no gather, no scatter (x + m either way, same bits)
             xf = self._ffn(w, xf)
         elif f.numel():
@@ -498,7 +505,7 @@ class Engine:
         h = rms_norm(x, w.ln1, self.cfg.rms_norm_eps)
         if w.wqkv is not None and w.q_norm is None:
             # q and k are adjacent in the fused projection: rotate both with one rope call.
-            qkv = F.linear(h, w.wqkv, w.bqkv)
+            qkv = self.lin(h, w.wqkv, w.bqkv)
             qk = apply_rope(qkv[..., : w.qdim + w.kvdim].view(B, T, H + Hk, hd), cos, sin)
             q, k = qk.split((H, Hk), dim=2)
             v = qkv[..., w.qdim + w.kvdim:]
@@ -509,7 +516,7 @@ class Engine:
         ck[:, :, start:end] = k.transpose(1, 2)
         cv[:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
         o = self._attend(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], mask, is_causal)
-        return x + F.linear(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
+        return x + self.lin(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
 
     def _decode_attn(self, w: LayerWeights, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      cache: KVCache, start: int, end: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -521,13 +528,13 @@ class Engine:
         if self._fused is not None:
             return self._fused.decode_attn(x, w.ln1, self.cfg.rms_norm_eps, w.wqkv, w.bqkv, w.wo, cos, sin,
                                            cache.k[i], cache.v[i], start, end, mask, H, Hk, hd)
-        qkv = F.linear(rms_norm(x, w.ln1, self.cfg.rms_norm_eps), w.wqkv, w.bqkv)
+        qkv = self.lin(rms_norm(x, w.ln1, self.cfg.rms_norm_eps), w.wqkv, w.bqkv)
         qk = apply_rope(qkv[:, : w.qdim + w.kvdim].view(B, H + Hk, hd), cos.view(B, 1, hd), sin.view(B, 1, hd))
         ck, cv = cache.k[i], cache.v[i]
         ck[:, :, start] = qk[:, H:]
         cv[:, :, start] = qkv[:, w.qdim + w.kvdim:].view(B, Hk, hd)
         o = self._attend(qk[:, :H, None], ck[:, :, :end], cv[:, :, :end], mask, False)
-        return x + F.linear(o.view(B, w.qdim), w.wo)
+        return x + self.lin(o.view(B, w.qdim), w.wo)
 
     def _attend_rows(self, i: int, q: torch.Tensor, a: torch.Tensor, T: int, start: int, end: int,
                      cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,8 @@
 // -ffp-contract=off: a fused multiply-add would round once where ATen rounds twice. Other dtypes take the ATen calls.
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -121,11 +123,11 @@ Tensor decode_attn(const Tensor& x, const Tensor& ln1, double eps, const Tensor&
                    const Tensor& ck, const Tensor& cv, int64_t start, int64_t end, const std::optional<Tensor>& mask,
                    int64_t H, int64_t Hk, int64_t hd) {
   const int64_t B = x.size(0), qdim = H * hd, kvdim = Hk * hd;
-  Tensor qkv = at::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
+  Tensor qkv = ponder::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
   Tensor q = rope_split(qkv.slice(1, 0, qdim + kvdim).view({B, H + Hk, hd}), cos, sin, H, ck.select(2, start));
   cv.select(2, start).copy_(qkv.slice(1, qdim + kvdim).view({B, Hk, hd}));
   Tensor o = attend(q.unsqueeze(2), ck.slice(2, 0, end), cv.slice(2, 0, end), mask, false, 1).view({B, qdim});
-  return x + at::linear(o, wo);
+  return x + ponder::linear(o, wo);
 }
 
 // Engine._dense_attn_rows for T new tokens per row, x (B, T, D) (prefill, scoring, speculative verification): writes
@@ -135,14 +137,14 @@ Tensor attn_rows(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
                  int64_t start, int64_t end, const std::optional<Tensor>& mask, bool is_causal, int64_t H,
                  int64_t Hk, int64_t hd, int64_t small_tq) {
   const int64_t B = x.size(0), T = x.size(1), qdim = H * hd, kvdim = Hk * hd;
-  Tensor qkv = at::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
+  Tensor qkv = ponder::linear(rms_norm(x, ln1, eps), wqkv, bqkv);
   Tensor qk = qkv.slice(2, 0, qdim + kvdim).view({B, T, H + Hk, hd});
   qk = rope(qk, cos, sin);
   auto qks = qk.split({H, Hk}, 2);
   ck.slice(2, start, end).copy_(qks[1].transpose(1, 2));
   cv.slice(2, start, end).copy_(qkv.slice(2, qdim + kvdim).reshape({B, T, Hk, hd}).transpose(1, 2));
   Tensor o = attend(qks[0].transpose(1, 2), ck.slice(2, 0, end), cv.slice(2, 0, end), mask, is_causal, small_tq);
-  return x + at::linear(o.transpose(1, 2).reshape({B, T, qdim}), wo);
+  return x + ponder::linear(o.transpose(1, 2).reshape({B, T, qdim}), wo);
 }
 
 // Engine._row_kv plus the cache write, for one new token per row (a row that skips the layer but leaves K/V, plan
@@ -152,7 +154,7 @@ Tensor decode_kv(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
                  const Tensor& cv, int64_t start, int64_t Hk, int64_t hd) {
   const int64_t n = x.size(0), kvdim = Hk * hd;
   Tensor h = rms_norm(x, ln1, eps);
-  auto kv = at::linear(h, wkv, bkv).split({kvdim, kvdim}, -1);
+  auto kv = ponder::linear(h, wkv, bkv).split({kvdim, kvdim}, -1);
   Tensor k = kv[0].view({n, Hk, hd});
   if (k_norm.has_value()) k = rms_norm(k, *k_norm, eps);
   rope_split(k, cos, sin, 0, ck.select(2, start));
@@ -162,8 +164,8 @@ Tensor decode_kv(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
 
 // The FFN half with its residual for rows x (N, D): x + down(silu(gate) * up) of the normed rows, gate|up fused.
 Tensor ffn(const Tensor& x, const Tensor& ln2, double eps, const Tensor& wgu, const Tensor& wd) {
-  auto gu = at::linear(rms_norm(x, ln2, eps), wgu).chunk(2, -1);
-  return x + at::linear(at::silu(gu[0]) * gu[1], wd);
+  auto gu = ponder::linear(rms_norm(x, ln2, eps), wgu).chunk(2, -1);
+  return x + ponder::linear(at::silu(gu[0]) * gu[1], wd);
 }
 
 // FFNSkipPlanner's one-token saturation check: [p.p,] p.x and x.x as the float32 sums the Python check computes
@@ -185,4 +187,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_kv", &decode_kv);
   m.def("attn_rows", &attn_rows);
   m.def("sat_dots", &sat_dots);
+  m.def("linear", &ponder::linear, "x W^T (+ b): the few-rows kernel for 3..max_rows rows, ATen otherwise",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());
+  m.def("set_isa", &ponder::set_isa);
+  m.def("isa", &ponder::isa);
+  m.def("set_max_rows", &ponder::set_max_rows);
+  m.def("max_rows", &ponder::max_rows);
 }

@@ -13,6 +13,7 @@ torch version; ``scripts/setup.sh`` builds it ahead so no run pays the ~30 s com
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -23,6 +24,8 @@ from types import ModuleType
 import torch
 
 _SRC = Path(__file__).with_name("fused.cpp")
+_SOURCES = [_SRC, _SRC.with_name("kernels.cpp")]
+_HEADERS = [_SRC.with_name("kernels.h")]
 _state: dict[str, object] = {}
 
 
@@ -57,8 +60,11 @@ def load(verbose: bool = False) -> ModuleType | None:
                 print(f"ponder: compiling the fused decode steps into {d} (once per machine, ~30 s)",
                       file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            mod = _load("ponder_fused", [str(_SRC)], build_directory=str(d), extra_cflags=["-O3", "-ffp-contract=off"],
-                        verbose=verbose)
+            # torch rebuilds when a source or a flag changes, not a header: the headers' hash rides along as a flag
+            hh = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:12]
+            mod = _load("ponder_fused", [str(s) for s in _SOURCES], build_directory=str(d),
+                        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", f"-DPONDER_HEADERS={hh}"],
+                        extra_ldflags=["-fopenmp"], verbose=verbose)  # -fopenmp: at::parallel_for is OpenMP
             if fresh:
                 print(f"ponder: fused decode steps ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - any build or load failure leaves the Python path in charge
