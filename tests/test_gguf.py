@@ -210,3 +210,41 @@ def test_missing_file():
 
 def test_supported_types_listed():
     assert set(TYPES) <= set(SUPPORTED_TYPES)
+
+
+def test_bench_on_a_gguf_runs_the_llamacpp_peers_or_says_how_to_add_them(tmp_path, capsys):
+    """The bench opens a GGUF, and its llama.cpp rows either ran on the same prompt ids (the F32 file ponder writes
+    from its own weights gives ponder's greedy tokens) or say they were not run and which command adds them."""
+    import json
+
+    from ponder.cli import main
+    from ponder.eval import peers
+
+    f = tmp_path / "tiny.gguf"
+    write_tiny_gguf(f, "Q8_0")
+    data = tmp_path / "code.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+    out = tmp_path / "out"
+    args = ["bench", "--model", str(f), "--policies", "dense", "--budgets", "1", "--data", str(data), "--out",
+            str(out), "--json", "--tokens", "200", "--kl-tokens", "100", "--prompts", "2", "--new-tokens", "6",
+            "--probes", "0", "--repeats", "1", "--warmup", "0", "--batch", "2", "--prose", "none", "--threads", "1",
+            "--no-progress", "--no-report"]
+    import os
+
+    os.environ["PONDER_CACHE"] = str(tmp_path / "cache")
+    try:
+        assert main(args) == 0
+    finally:
+        del os.environ["PONDER_CACHE"]
+    rows = {r["policy"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert {"dense", "dense-control", "transformers-generate", "llama.cpp-f32", "llama.cpp-file"} <= set(rows)
+    assert rows["transformers-generate"]["greedy_exact_match"] == 1.0
+    for name in ("llama.cpp-f32", "llama.cpp-file"):
+        r = rows[name]
+        if peers.llamacpp_version() is None:
+            assert r["status"] == "not-run" and "setup-peers.sh" in r["timing_notes"][0]
+        else:
+            assert r["decode_ms_per_token"] > 0 and r["peer"]["library"] == "llama-cpp-python"
+    if peers.llamacpp_version() is not None:
+        assert rows["llama.cpp-f32"]["greedy_exact_match"] == 1.0  # the same weights: the same greedy tokens
+        assert rows["llama.cpp-file"]["peer"]["weights"].startswith("Q8_0")

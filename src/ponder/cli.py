@@ -217,6 +217,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(json.dumps({k: m[k] for k in ("sha256", "bytes", "documents") if k in m}))
     elif args.action == "eval":
         data.build_eval(Path(args.out))
+    elif args.action == "instruct":
+        from .eval.bench import repo_data
+        from .eval.prompts import write_instruct
+
+        print(write_instruct(repo_data("code.txt"), repo_data("prose.txt"), args.out))
     return 0
 
 
@@ -252,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model with ponder's recipe (see --config)", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_train)
-    d = sub.add_parser("data", help="build the training corpus or the evaluation files")
-    d.add_argument("action", choices=["build", "eval"])
+    d = sub.add_parser("data", help="build the training corpus, the evaluation files, or the instruction prompts")
+    d.add_argument("action", choices=["build", "eval", "instruct"])
     d.add_argument("--out", required=True)
     d.set_defaults(fn=cmd_data)
     for extra in _EXTRA_COMMANDS:

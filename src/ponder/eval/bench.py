@@ -35,9 +35,11 @@ from .sweep import NOISE_BAND, ResultsFile, point_key, progress, settings_hash
 
 CONTROL = "dense-control"
 PEER = "transformers-generate"
-RESERVED = (CONTROL, PEER)
-DEFAULT_BUDGETS = (1.0, 0.9, 0.75, 0.6, 0.5)
-QUICK_BUDGETS = (0.75, 0.5)
+LLAMACPP_F32, LLAMACPP_FILE = "llama.cpp-f32", "llama.cpp-file"  # same weights as ponder; the original GGUF
+RESERVED = (CONTROL, PEER, LLAMACPP_F32, LLAMACPP_FILE)
+# Budget 1 of every policy is the dense plan (tests hold each to dense exactly); the sweep spends its time below it.
+DEFAULT_BUDGETS = (0.9, 0.75, 0.6, 0.5)
+QUICK_BUDGETS = (0.9, 0.75)
 # Variants the default sweep measures beside every registered policy, each at the budgets that mean something for
 # it: prompt-lookup drafting has no layer budget, and it is the lossless row that pays on small models.
 DEFAULT_VARIANTS: dict[str, tuple[float, ...]] = {"self-speculative:drafter=lookup": (1.0,)}
@@ -58,40 +60,47 @@ class BenchSettings:
     data: str = ""  # main evaluation text (default: data/eval/code.txt)
     prose: str | None = None  # second text for perplexity (default in the full profile: data/eval/prose.txt)
     probes_file: str | None = None
-    ppl_tokens: int = 8192
-    prose_tokens: int = 4096
-    kl_tokens: int = 4096
-    prompts: int = 8
+    # Sized for the default model (SmolLM2-135M, 30 layers) on 2 cores: every policy at four budgets in < 30 min.
+    ppl_tokens: int = 4096
+    prose_tokens: int = 2048
+    kl_tokens: int = 2048
+    prompts: int = 6
     prompt_tokens: int = 64
-    new_tokens: int = 32  # per greedy prompt
-    timing_tokens: int = 32  # generated per timed decode (batch 1 and batch ``decode_batch``)
-    calib_tokens: int = 4096  # calibration text for policies that fit thresholds (never the evaluation data)
-    probes: int = 32
+    new_tokens: int = 24  # per greedy prompt
+    timing_tokens: int = 24  # generated per timed decode (batch 1 and batch ``decode_batch``)
+    calib_tokens: int = 2048  # calibration text for policies that fit thresholds (never the evaluation data)
+    probes: int = 16
     prefill_tokens: int = 128
     decode_batch: int = 8
     warmup: int = 1
-    repeats: int = 5
-    # per measurement and side: add rounds until each side ran this long. 2 s gives batch-1 decode ~10 paired rounds:
-    # this host is noisy in bursts, and a median of 5 rounds moved by 10% between runs (2026-11-26)
-    min_timed_s: float = 2.0
+    repeats: int = 3
+    # per measurement and side: add rounds until each side ran this long (this host is noisy in bursts: a median of
+    # too few rounds moved by 10% between runs on the 12-layer model, 2026-11-26)
+    min_timed_s: float = 1.0
     peer: bool = True
+    # Input-grounded chat prompts (data/eval/instruct.jsonl, rendered with the model's chat template), where lossless
+    # policies are also timed at batch 1, one prompt after another, apart from open continuation.
+    instruct_file: str | None = None
+    instruct_prompts: int = 4
+    instruct_tokens: int = 64
     profile: str = "full"
 
     @classmethod
     def full(cls) -> "BenchSettings":
         return cls(data=str(repo_data("code.txt")), prose=str(repo_data("prose.txt")),
-                   probes_file=str(repo_data("probes.jsonl")))
+                   probes_file=str(repo_data("probes.jsonl")), instruct_file=str(repo_data("instruct.jsonl")))
 
     @classmethod
     def quick(cls) -> "BenchSettings":
+        # Sized for a 30-layer 135M model on 2 cores (about 20 s a point): every policy at two budgets in < 8 min.
         return cls(data=str(repo_data("code.txt")), prose=None, probes_file=str(repo_data("probes.jsonl")),
-                   ppl_tokens=2048, prose_tokens=0, kl_tokens=1024, prompts=4, prompt_tokens=48, new_tokens=24,
-                   timing_tokens=16, calib_tokens=2048,
-                   probes=16, prefill_tokens=128, warmup=1, repeats=3, min_timed_s=0.25, profile="quick")
+                   ppl_tokens=1024, prose_tokens=0, kl_tokens=512, prompts=3, prompt_tokens=40, new_tokens=16,
+                   timing_tokens=12, calib_tokens=1024, probes=6, prefill_tokens=128, decode_batch=4, warmup=1,
+                   repeats=3, min_timed_s=0.25, instruct_prompts=0, profile="quick")
 
     def key_fields(self, engine: Engine) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("data", "prose", "probes_file"):  # a file's identity is its name and size, not where it lives
+        for k in ("data", "prose", "probes_file", "instruct_file"):  # a file's identity: its name and size
             p = d.get(k)
             d[k] = None if not p else f"{Path(p).name}:{Path(p).stat().st_size if Path(p).is_file() else 0}"
         d.update(dtype=str(engine.dtype), device=str(engine.device), threads=torch.get_num_threads())
@@ -146,11 +155,28 @@ class Bench:
         self.decode_prompts = quality.cut_prompts(self.code_ids, max(1, s.decode_batch), p_len, skip)
         self.probe_list = (quality.load_probes(s.probes_file, s.probes)
                            if s.probes_file and s.probes > 0 and self.engine.tokenizer is not None else [])
+        self.grounded = self._grounded_prompts()
         self._ref: DenseRef | None = None
         self._marks: list[tuple[str, float]] = []
         self.env = envinfo.environment(self.engine.device, self.engine.dtype)
         self.settings_fields = self.settings.key_fields(self.engine)
         self.skey = settings_hash(self.settings_fields)
+
+    def _grounded_prompts(self) -> list[list[int]]:
+        """The input-grounded instruction prompts as token ids, through the model's chat template (none without one)."""
+        s, e = self.settings, self.engine
+        if not s.instruct_file or s.instruct_prompts <= 0 or not e.chat_template or e.tokenizer is None:
+            return []
+        from ..models.gguf_tokenizer import render_chat
+        from .prompts import load_instruct
+
+        room = e.cfg.max_position_embeddings - s.instruct_tokens
+        out = []
+        for it in load_instruct(s.instruct_file, grounded=True)[: s.instruct_prompts]:
+            ids = e.tokenizer.encode(render_chat(e.chat_template, it["messages"]))
+            if 0 < len(ids) <= room:
+                out.append(ids)
+        return out
 
     # ---- the dense reference ---------------------------------------------------------------------------------
     def ref(self, bar=None) -> DenseRef:
@@ -269,6 +295,28 @@ class Bench:
 
         return run
 
+    def _seq_fn(self, pol: Any, prompts: list[list[int]], n: int, _: Any) -> Callable[[], Any]:
+        """Each prompt alone at batch 1, one after another: seconds per decode step over all of them."""
+        e = self.engine
+        sc = SamplingConfig(max_new_tokens=n, temperature=0.0, stop_tokens=())
+
+        def run():
+            dt, steps = 0.0, 0
+            for p in prompts:
+                res = generate(e, [p], sc, None, None) if pol is None else pol.generate(e, [p], sc, None)
+                dt += res.decode_s
+                steps += max(1, len(res.tokens[0]) - 1)
+            return dt / steps
+
+        return run
+
+    def _grounded_equal(self, pol: Any) -> dict[str, Any]:
+        """A lossless policy's greedy tokens on the grounded prompts against dense's (they must be identical)."""
+        e, s = self.engine, self.settings
+        sc = SamplingConfig(max_new_tokens=s.instruct_tokens, temperature=0.0, stop_tokens=())
+        same = sum(pol.generate(e, [p], sc, None).tokens[0] == generate(e, [p], sc).tokens[0] for p in self.grounded)
+        return {"grounded_exact_match": same / len(self.grounded)}
+
     def timing_fields(self, pol: Any, bar=None, label: str = "") -> dict[str, Any]:
         """Prefill and decode times of ``pol`` (None: dense again, the A/A control) interleaved with dense."""
         s, e = self.settings, self.engine
@@ -278,10 +326,13 @@ class Bench:
                  ("decode_b1", self.decode_prompts[:1], s.timing_tokens, True)]
         if s.decode_batch > 1:
             kinds.append((f"decode_b{s.decode_batch}", self.decode_prompts[:s.decode_batch], s.timing_tokens, True))
+        grounded = self.grounded and getattr(pol, "lossless", False)
+        if grounded:  # one prompt after another at batch 1 (seconds per decode step over all of them)
+            kinds.append(("decode_grounded", self.grounded, s.instruct_tokens, "sequential"))
         for kind, prompts, n, per_step in kinds:
             self._say(bar, f"{label}: timing {kind}")
-            fns = {"dense": self._gen_fn(None, prompts, n, per_step),
-                   "policy": self._gen_fn(pol, prompts, n, per_step)}
+            mk = self._seq_fn if per_step == "sequential" else self._gen_fn
+            fns = {"dense": mk(None, prompts, n, per_step), "policy": mk(pol, prompts, n, per_step)}
             try:
                 t[kind] = timing.interleaved(fns, warmup=s.warmup, repeats=s.repeats, device=e.device,
                                              min_seconds=s.min_timed_s, max_repeats=max(s.repeats, 25))
@@ -292,6 +343,13 @@ class Bench:
             out.update(prefill_ms=1e3 * t["prefill"]["policy"]["median"],
                        prefill_ms_dense=1e3 * t["prefill"]["dense"]["median"],
                        prefill_speedup=_paired(t["prefill"]), prefill_speedup_range=_range(t["prefill"]))
+        if "decode_grounded" in t:
+            g = t["decode_grounded"]
+            out.update(decode_ms_per_token_grounded=1e3 * g["policy"]["median"],
+                       decode_ms_per_token_grounded_dense=1e3 * g["dense"]["median"],
+                       decode_speedup_grounded=_paired(g), decode_speedup_grounded_range=_range(g),
+                       grounded_prompts=len(self.grounded))
+            out.update(self._grounded_equal(pol))
         for kind in [k for k in t if k.startswith("decode_b")]:
             b = kind[len("decode_"):]
             pm, dm = t[kind]["policy"]["median"], t[kind]["dense"]["median"]
@@ -416,64 +474,15 @@ class Bench:
 
     def peer_row(self, bar=None) -> dict[str, Any]:
         """transformers' generate on the same checkpoint, interleaved with ponder's dense generate (batch 1)."""
-        row = self.base_row(PEER, 1.0)
-        row.update(real=True, kv_compatible=True, batch_compatible=True, training_free=True, lossless=True)
-        try:
-            import transformers
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            row["timing_notes"] = ["transformers is not installed: pip install 'ponder[hf]' to time it as a peer"]
-            row["env"] = self.env
-            return row
-        self._say(bar, "transformers generate: loading")
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        e, s = self.engine, self.settings
-        folder = getattr(e, "path", None)
-        if folder is None:
-            row["timing_notes"] = ["the engine has no checkpoint folder to load into transformers"]
-            row["env"] = self.env
-            return row
-        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=e.dtype).to(e.device).eval()
-        row["peer"] = {"library": "transformers", "version": transformers.__version__,
-                       "class": type(hf).__name__, "attn_implementation": getattr(hf.config, "_attn_implementation", None)}
-        p = self.decode_prompts[0]
-        ids = torch.tensor([p], device=e.device)
-        n = s.timing_tokens
+        from .peers import transformers_row
 
-        def hf_gen(k: int):
-            def run():
-                with torch.inference_mode():
-                    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                                       do_sample=False, pad_token_id=0)
-            return run
+        return transformers_row(self, bar)
 
-        def pd_gen(k: int):
-            sc = SamplingConfig(max_new_tokens=k, temperature=0.0, stop_tokens=())
-            return lambda: generate(e, [p], sc)
+    def llamacpp_row(self, which: str, bar=None) -> dict[str, Any]:
+        """llama.cpp on the same weights (``f32``: an F32 GGUF of what ponder runs) or on the original file."""
+        from .peers import llamacpp_row
 
-        self._say(bar, "transformers generate: timing")
-        t = timing.interleaved({"ponder_1": pd_gen(1), "hf_1": hf_gen(1), "ponder_n": pd_gen(n), "hf_n": hf_gen(n)},
-                               warmup=s.warmup, repeats=s.repeats, device=e.device,
-                               min_seconds=s.min_timed_s, max_repeats=max(s.repeats, 25))
-        per = {k: (t[f"{k}_n"]["median"] - t[f"{k}_1"]["median"]) / max(1, n - 1) for k in ("ponder", "hf")}
-        hf_tokens = hf_gen(n)()[0, len(p):].tolist()
-        pd_tokens = generate(e, [p], SamplingConfig(max_new_tokens=n, temperature=0.0, stop_tokens=())).tokens[0]
-        row.update({
-            "timings": {"generate_1": {"dense": t["ponder_1"], "policy": t["hf_1"]},
-                        f"generate_{n}": {"dense": t["ponder_n"], "policy": t["hf_n"]}},
-            "prefill_ms": 1e3 * t["hf_1"]["median"], "prefill_ms_dense": 1e3 * t["ponder_1"]["median"],
-            "prefill_speedup": t["ponder_1"]["median"] / t["hf_1"]["median"],
-            "decode_ms_per_token": 1e3 * per["hf"], "decode_ms_per_token_dense": 1e3 * per["ponder"],
-            "tokens_per_s": 1.0 / per["hf"] if per["hf"] > 0 else None,
-            "decode_speedup": per["ponder"] / per["hf"] if per["hf"] > 0 else None,
-            "generate_speedup": t["ponder_n"]["median"] / t["hf_n"]["median"],
-            "greedy_exact_match": float(hf_tokens == pd_tokens),
-            "speedup_meaning": "ponder dense time / transformers time: below 1 means ponder's dense path is faster",
-        })
-        row["env"] = self.env
-        del hf
-        return row
+        return llamacpp_row(self, which, bar)
 
 
 def _token_pieces(tok: Any, ids: list[int]) -> list[str]:
@@ -572,19 +581,23 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
     todo: list[tuple[str, Any]] = []
     if not (out.has(point_key(bench.base_row("dense", 1.0))) and out.has(point_key(bench.base_row(CONTROL, 1.0)))):
         todo.append(("dense", None))
-    if settings.peer and not out.has(point_key(bench.base_row(PEER, 1.0))):
-        todo.append(("peer", None))
+    peers = [PEER] + ([LLAMACPP_F32] + ([LLAMACPP_FILE] if engine.gguf.file_type != "F32" else [])
+                      if getattr(engine, "gguf", None) is not None else [])
+    for name in peers if settings.peer else []:
+        if not out.has(point_key(bench.base_row(name, 1.0))):
+            todo.append(("peer", name))
     for pt in points:
         if not out.has(point_key(bench.base_row(pt.policy, pt.budget))):
             todo.append(("policy", pt))
-    skipped = 1 + int(settings.peer) + len(points) - len(todo)
+    skipped = 1 + (len(peers) if settings.peer else 0) + len(points) - len(todo)
     t0 = time.perf_counter()
     bar = progress(len(todo), "bench", show_progress)
     failures: list[str] = []
     written = 0
     try:
         for kind, pt in todo:
-            label = {"dense": "dense + A/A control", "peer": PEER}.get(kind) or f"{pt.policy}@{pt.budget:g}"
+            label = ("dense + A/A control" if kind == "dense" else pt if kind == "peer"
+                     else f"{pt.policy}@{pt.budget:g}")
             bar.set_postfix_str(label)
             try:
                 if kind == "dense":
@@ -594,7 +607,8 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
                             out.append(r)
                             written += 1
                 elif kind == "peer":
-                    out.append(bench.peer_row(bar))
+                    out.append(bench.peer_row(bar) if pt == PEER else
+                               bench.llamacpp_row("f32" if pt == LLAMACPP_F32 else "file", bar))
                     written += 1
                 else:
                     from ..policies import registry

@@ -143,7 +143,7 @@ def add_subcommand(sub: Any) -> None:
                         "self-speculative:drafter=lookup); a variant with its own "
                         "parameters is name:key=value;key=value, e.g. self-speculative:drafter=lookup+layers")
     b.add_argument("--budgets", default=None,
-                   help="comma-separated budgets in (0, 1] (default: 1,0.9,0.75,0.6,0.5; --quick: 0.75,0.5)")
+                   help="comma-separated budgets in (0, 1] (default: 0.9,0.75,0.6,0.5; --quick: 0.9,0.75)")
     b.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default: ./{DEFAULT_OUT})")
     b.add_argument("--quick", action="store_true",
                    help="a small but complete sweep (every policy, two budgets, small samples): minutes, not tens")

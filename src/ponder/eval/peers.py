@@ -87,3 +87,136 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---- bench rows --------------------------------------------------------------------------------------------------
+PEER_FLAGS = dict(real=True, kv_compatible=True, batch_compatible=True, training_free=True, lossless=True)
+
+
+def _not_run(bench: Any, name: str, why: str) -> dict[str, Any]:
+    row = bench.base_row(name, 1.0)
+    row.update(PEER_FLAGS, timing_notes=[why], env=bench.env, status="not-run")
+    return row
+
+
+def _timed_pair(bench: Any, theirs: Any, bar, label: str) -> dict[str, Any]:
+    """Interleave ponder's dense generate with a peer's, at 1 and n new tokens on the same prompt ids; decode cost per
+    token is the difference over n - 1 (prefill cancels). ``theirs(k)`` returns a callable making k tokens."""
+    from ..engine.generate import SamplingConfig, generate
+    from . import timing
+
+    e, s = bench.engine, bench.settings
+    p = bench.decode_prompts[0]
+    n = s.timing_tokens
+
+    def pd_gen(k: int):
+        sc = SamplingConfig(max_new_tokens=k, temperature=0.0, stop_tokens=())
+        return lambda: generate(e, [p], sc)
+
+    bench._say(bar, f"{label}: timing")
+    t = timing.interleaved({"ponder_1": pd_gen(1), "peer_1": theirs(1), "ponder_n": pd_gen(n), "peer_n": theirs(n)},
+                           warmup=s.warmup, repeats=s.repeats, device=e.device, min_seconds=s.min_timed_s,
+                           max_repeats=max(s.repeats, 25))
+    per = {k: (t[f"{k}_n"]["median"] - t[f"{k}_1"]["median"]) / max(1, n - 1) for k in ("ponder", "peer")}
+    return {
+        "timings": {"generate_1": {"dense": t["ponder_1"], "policy": t["peer_1"]},
+                    f"generate_{n}": {"dense": t["ponder_n"], "policy": t["peer_n"]}},
+        "prefill_ms": 1e3 * t["peer_1"]["median"], "prefill_ms_dense": 1e3 * t["ponder_1"]["median"],
+        "prefill_speedup": t["ponder_1"]["median"] / t["peer_1"]["median"],
+        "decode_ms_per_token": 1e3 * per["peer"], "decode_ms_per_token_dense": 1e3 * per["ponder"],
+        "tokens_per_s": 1.0 / per["peer"] if per["peer"] > 0 else None,
+        "decode_speedup": per["ponder"] / per["peer"] if per["peer"] > 0 else None,
+        "generate_speedup": t["ponder_n"]["median"] / t["peer_n"]["median"],
+        "speedup_meaning": "ponder dense time / peer time: below 1 means ponder's dense path is faster",
+    }
+
+
+def _greedy_compare(bench: Any, theirs_tokens) -> dict[str, Any]:
+    """Greedy tokens of the peer against ponder dense on every greedy prompt of the bench."""
+    ref = bench.ref().greedy.tokens
+    n = bench.settings.new_tokens
+    same, firsts = 0, []
+    for p, mine in zip(bench.prompts, ref):
+        theirs = theirs_tokens(p, n)
+        d = first_divergence(list(mine), theirs)
+        same += d is None
+        firsts.append(d)
+    return {"greedy_exact_match": same / max(1, len(ref)), "greedy_first_divergence": firsts,
+            "greedy_prompts": len(ref)}
+
+
+def transformers_row(bench: Any, bar=None) -> dict[str, Any]:
+    """transformers' ``generate`` on the same checkpoint (a GGUF through its own GGUF loader)."""
+    from .bench import PEER
+
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return _not_run(bench, PEER, "transformers is not installed: pip install 'ponder[hf]' to time it as a peer")
+    e = bench.engine
+    path = getattr(e, "path", None)
+    if path is None:
+        return _not_run(bench, PEER, "the engine has no checkpoint folder or file to load into transformers")
+    bench._say(bar, "transformers generate: loading")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    p = Path(path)
+    try:
+        hf = (AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=e.dtype) if p.is_file()
+              else AutoModelForCausalLM.from_pretrained(str(p), dtype=e.dtype)).to(e.device).eval()
+    except ImportError as err:  # its GGUF loader needs the gguf package (and accelerate)
+        return _not_run(bench, PEER, f"transformers cannot load this model here ({err})")
+    row = bench.base_row(PEER, 1.0)
+    row.update(PEER_FLAGS)
+    row["peer"] = {"library": "transformers", "version": transformers.__version__, "class": type(hf).__name__,
+                   "attn_implementation": getattr(hf.config, "_attn_implementation", None),
+                   "weights": "float32 (its own GGUF dequantisation)" if p.is_file() else str(e.dtype)}
+
+    def hf_gen(k: int, ids: list[int] | None = None):
+        x = torch.tensor([ids if ids is not None else bench.decode_prompts[0]], device=e.device)
+
+        def run():
+            with torch.inference_mode():  # an explicit mask: a pad id may also be a real token of the prompt
+                return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+        return run
+
+    row.update(_timed_pair(bench, hf_gen, bar, "transformers generate"))
+    row.update(_greedy_compare(bench, lambda ids, n: hf_gen(n, ids)()[0, len(ids):].tolist()))
+    row["env"] = bench.env
+    del hf
+    return row
+
+
+def llamacpp_row(bench: Any, which: str, bar=None) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python, batch 1, greedy, ponder's thread count) on ``which``: "f32", an F32 GGUF of the
+    very weights ponder runs (its greedy tokens must equal ponder's), or "file", the original GGUF (what a user runs
+    today; quantised, so its tokens may differ: the row says by how much)."""
+    from .bench import LLAMACPP_F32, LLAMACPP_FILE
+
+    name = LLAMACPP_F32 if which == "f32" else LLAMACPP_FILE
+    ver = llamacpp_version()
+    if ver is None:
+        return _not_run(bench, name, f"llama.cpp is not installed; to add this row: {LLAMACPP_HINT}")
+    e = bench.engine
+    bench._say(bar, f"{name}: loading")
+    path = f32_gguf_for(e) if which == "f32" else e.gguf.path
+    s = bench.settings
+    n_ctx = max(len(p) for p in bench.prompts + bench.decode_prompts[:1]) + max(s.new_tokens, s.timing_tokens) + 8
+    lc = LlamaCpp(path, n_ctx=max(256, n_ctx))
+    row = bench.base_row(name, 1.0)
+    row.update(PEER_FLAGS)
+    row["peer"] = {"library": "llama-cpp-python", "version": ver, "file": path.name,
+                   "weights": "F32 (written by ponder from the weights it runs)" if which == "f32"
+                   else f"{e.gguf.file_type} (the original file)", "threads": lc.threads}
+
+    def lc_gen(k: int):
+        p = bench.decode_prompts[0]
+        return lambda: lc.generate(p, k)
+
+    row.update(_timed_pair(bench, lc_gen, bar, name))
+    row.update(_greedy_compare(bench, lc.generate))
+    row["env"] = bench.env
+    del lc
+    return row

@@ -27,19 +27,28 @@ CALIB_SEQS = 8  # 8 x 256 tokens: ranks a 12-layer model in a few seconds on 2 C
 _SCORES: "weakref.WeakKeyDictionary[Engine, dict[tuple, list[float]]]" = weakref.WeakKeyDictionary()
 
 
-def _mean_nll(engine: Engine, seqs: list[list[int]], planner) -> float:
-    tot, n = 0.0, 0
-    for t in seqs:
-        ids = torch.tensor([t], device=engine.device)
-        lg = engine.forward(ids, None, planner, None, logits="all").logits.float()
-        lp = torch.log_softmax(lg[0, :-1], -1).gather(-1, ids[0, 1:, None])
-        tot -= float(lp.sum())
-        n += len(t) - 1
-    return tot / max(n, 1)
+class _Inputs:
+    """A planner that plans nothing (dense) and keeps each layer's incoming states."""
+
+    def __init__(self) -> None:
+        self.x: list[torch.Tensor] = []
+
+    def layer(self, i: int, x: torch.Tensor, ctx) -> None:
+        self.x.append(x.clone())
+        return None
+
+
+def _nll_sum(engine: Engine, ids: torch.Tensor, logits: torch.Tensor) -> float:
+    lp = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None])
+    return -float(lp.sum())
 
 
 def layer_importance(engine: Engine, texts: list[list[int]]) -> list[float]:
-    """Calibration loss increase (nats/token) when each layer alone is removed; higher = more important."""
+    """Calibration loss increase (nats/token) when each layer alone is removed; higher = more important.
+
+    Removing layer i leaves layers 0..i-1 as they were, so each removal resumes from layer i's saved input and runs
+    only layers i+1.. and the head (the same computation as running the whole stack with layer i skipped, at about
+    half the layer work: on a 30-layer model the ranking's 31 passes are its whole cost)."""
     seqs = [t for t in texts if len(t) >= 2][:CALIB_SEQS]
     L = engine.cfg.num_hidden_layers
     if not seqs:
@@ -47,14 +56,28 @@ def layer_importance(engine: Engine, texts: list[list[int]]) -> list[float]:
     key = (len(seqs), hash(tuple(tuple(t) for t in seqs)))
     per = _SCORES.setdefault(engine, {})
     if key not in per:
-        base = _mean_nll(engine, seqs, None)
-        skip = LayerPlan.skip(engine.device, kv="none")
-        scores = []
-        for i in range(L):
-            plans: list[LayerPlan | None] = [None] * L
-            plans[i] = skip
-            scores.append(_mean_nll(engine, seqs, StaticPlanner(plans)) - base)
-        per[key] = scores
+        base, drop, n = 0.0, [0.0] * L, 0
+        by_len: dict[int, list[list[int]]] = {}
+        for t in seqs:
+            by_len.setdefault(len(t), []).append(t)
+        with torch.inference_mode():
+            for group in by_len.values():
+                for g in range(0, len(group), 4):
+                    ids = torch.tensor(group[g:g + 4], device=engine.device)
+                    B, T = ids.shape
+                    rec = _Inputs()
+                    base += _nll_sum(engine, ids, engine.forward(ids, None, rec, None, logits="all").logits)
+                    for i in range(L):
+                        if i == L - 1:  # the last layer removed: its input goes straight to the head
+                            lg = engine.logits(rec.x[i])
+                        else:
+                            cache = engine.new_cache(B, T)
+                            cache.reserve(T)
+                            lg = engine.forward(ids, cache, None, None, logits="all", first_layer=i + 1,
+                                                hidden=rec.x[i]).logits
+                        drop[i] += _nll_sum(engine, ids, lg)
+                    n += B * (T - 1)
+        per[key] = [(d - base) / n for d in drop]
     return list(per[key])
 
 

@@ -97,7 +97,13 @@ class Oracle(Policy):
         if self.budget >= 1.0 or self.floor is not None or self.cap is not None:
             return
         L = engine.cfg.num_hidden_layers
-        frac = lambda f, c: measure(engine, lambda: self._planner(engine, f, c), texts, per_sample=False).fraction
+        seen: dict[tuple[int, int], float] = {}  # each (floor, cap) is a pass over the calibration text: once
+
+        def frac(f: int, c: int) -> float:
+            if (f, c) not in seen:
+                seen[f, c] = measure(engine, lambda: self._planner(engine, f, c), texts, per_sample=False).fraction
+            return seen[f, c]
+
         natural = frac(1, L)
         if natural <= self.budget:
             floor, cap = _largest(lambda f: frac(f, L) <= self.budget, 1, L), L

@@ -11,6 +11,8 @@ from . import svg
 from .page import Column, Markup, env_html, env_md, fbytes, fnum, fpct, fx, html_page, table_html, table_md
 
 CONTROL, PEER = "dense-control", "transformers-generate"
+PEERS = (PEER, "llama.cpp-f32", "llama.cpp-file")  # other engines, timed beside ponder dense on the same inputs
+SYSTEM = (CONTROL, *PEERS)
 FLAGS = ("real", "kv_compatible", "batch_compatible", "training_free", "lossless")
 DISPLAY_BUDGET = 0.75  # the token view shows each policy at the budget nearest this
 
@@ -32,7 +34,7 @@ def select(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
 
 def _order(r: dict[str, Any]) -> tuple:
     p = r.get("policy")
-    rank = 0 if p == "dense" else 2 if p == CONTROL else 3 if p == PEER else 1
+    rank = 0 if p == "dense" else 2 if p == CONTROL else 3 + PEERS.index(p) if p in PEERS else 1
     return (rank, p, -float(r.get("budget", 1.0)))
 
 
@@ -61,22 +63,35 @@ def control_verdict(rows: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def peer_verdict(rows: list[dict[str, Any]]) -> tuple[str, str] | None:
-    p = next((r for r in rows if r.get("policy") == PEER), None)
-    if p is None:
+    """One sentence per peer engine: its decode time beside ponder dense's, and whether greedy outputs agree."""
+    lines, cls = [], "ok"
+    for name in PEERS:
+        p = next((r for r in rows if r.get("policy") == name), None)
+        if p is None:
+            continue
+        if p.get("decode_ms_per_token") is None:
+            notes = "; ".join(p.get("timing_notes", [])) or "not measured"
+            lines.append(f"{name}: not run ({notes})")
+            cls = "warn"
+            continue
+        s = p.get("decode_speedup")
+        pd, hf = p.get("decode_ms_per_token_dense"), p.get("decode_ms_per_token")
+        rel = (f"ponder dense is {1 / s:.2f}x faster" if s and s < 1 else
+               f"{name} is {s:.2f}x faster than ponder dense" if s else "")
+        same = p.get("greedy_exact_match")
+        eq = ("identical" if same == 1.0 else f"identical on {same:.0%} of prompts (first divergence at token "
+              f"{[d for d in p.get('greedy_first_divergence') or [] if d is not None][:4]})" if same is not None
+              else "not compared")
+        info = p.get("peer") or {}
+        what = f"{info.get('library', 'transformers' if name == PEER else name)} {info.get('version', '')}".strip()
+        on = f" on {info['weights']}" if info.get("weights") else ""
+        lines.append(f"{name} ({what}{on}) decodes at {hf:.2f} ms/token, ponder dense at {pd:.2f} (batch 1, greedy): "
+                     f"{rel}; greedy outputs {eq}")
+        if same != 1.0 and name != "llama.cpp-file":  # a quantised file may legitimately differ
+            cls = "warn"
+    if not lines:
         return None
-    if p.get("decode_ms_per_token") is None:
-        notes = "; ".join(p.get("timing_notes", [])) or "not measured"
-        return "warn", f"transformers peer: {notes}."
-    s = p.get("decode_speedup")
-    pd, hf = p.get("decode_ms_per_token_dense"), p.get("decode_ms_per_token")
-    rel = (f"ponder's dense path is {1 / s:.2f}x faster" if s and s < 1 else
-           f"transformers is {s:.2f}x faster than ponder's dense path" if s else "")
-    same = p.get("greedy_exact_match")
-    eq = "identical" if same == 1.0 else "DIFFERENT" if same is not None else "not compared"
-    ver = (p.get("peer") or {}).get("version", "")
-    return "ok" if same == 1.0 else "warn", (
-        f"transformers {ver} generate decodes at {hf:.2f} ms/token, ponder dense at {pd:.2f} ms/token on the "
-        f"same checkpoint (batch 1, greedy): {rel}. Greedy outputs {eq}.")
+    return cls, ". ".join(lines) + "."
 
 
 def best_points(rows: list[dict[str, Any]], tolerances=(0.01, 0.05, 0.25)) -> list[str]:
@@ -86,7 +101,7 @@ def best_points(rows: list[dict[str, Any]], tolerances=(0.01, 0.05, 0.25)) -> li
     out = []
     ctl = next((r for r in rows if r.get("policy") == CONTROL), {})
     floor = ctl.get("control_band", NOISE_BAND)[1]  # the band this run's control was judged by
-    cand = [r for r in rows if r.get("policy") not in ("dense", CONTROL, PEER) and speed_ok(r)
+    cand = [r for r in rows if r.get("policy") not in ("dense", *SYSTEM) and speed_ok(r)
             and not (r.get("budget", 0) >= 1.0 and not r.get("lossless"))
             and isinstance(r.get("decode_speedup"), (int, float)) and r["decode_speedup"] > floor
             and r.get("perplexity_delta") is not None]
@@ -128,7 +143,7 @@ def _series(rows: list[dict[str, Any]], xkey: str, ykey: str, cols: dict[str, st
             need_speed: bool, xerr: str | None = None, label_budgets: bool = True) -> list[svg.Series]:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("policy") in (CONTROL, PEER):
+        if r.get("policy") in SYSTEM:
             continue
         if need_speed and not speed_ok(r):
             continue
@@ -211,7 +226,7 @@ def _swatch(cols: dict[str, str]):
 
 def _spd(key: str, rng: str | None = None):
     def get(r):
-        if r.get("policy") != PEER and not speed_ok(r):
+        if r.get("policy") not in PEERS and not speed_ok(r):
             return "n/a (simulated)" if r.get("real") is False else ""
         if r.get("policy") == "dense":
             return "1 (ref)"
@@ -287,7 +302,10 @@ def headline_cols(bs: int | None) -> list[Column]:
     ]
     if bs:
         cols.append(Column(f"decode b{bs}", _spd(f"decode_speedup_b{bs}")))
-    cols += [Column("prefill", _spd("prefill_speedup")),
+    cols += [Column("grounded b1", lambda r: fx(r.get("decode_speedup_grounded"), r.get("decode_speedup_grounded_range"))
+                    if r.get("decode_speedup_grounded") is not None else "",
+                    "lossless rows: decode speedup at batch 1 on the input-grounded chat prompts"),
+             Column("prefill", _spd("prefill_speedup")),
              Column("realization", lambda r: fnum(r.get("realization")) if speed_ok(r) else "")]
     return cols
 
@@ -301,7 +319,7 @@ def _pm(m: Any, s: Any) -> str:
 def flag_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for r in sorted(rows, key=_order):
-        if r.get("policy") in (CONTROL, PEER):
+        if r.get("policy") in SYSTEM:
             continue
         seen.setdefault(r["policy"], r)
     return list(seen.values())
@@ -370,7 +388,7 @@ def colourbar(L: int) -> str:
 def pick_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("sample") and r.get("policy") not in (CONTROL, PEER):
+        if r.get("sample") and r.get("policy") not in SYSTEM:
             by.setdefault(r["policy"], []).append(r)
     out = []
     for name in sorted(by, key=lambda n: (n != "dense", n)):
@@ -398,6 +416,15 @@ def _settings_html(st: dict[str, Any]) -> str:
 
 # ---- the whole report --------------------------------------------------------------------------------------------
 
+def by_quality(pts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Dense first, then every point from the smallest perplexity increase to the largest: on a real model the
+    training-free rows span +1% to +1e8%, and a reader looks for the usable ones at the top."""
+    def key(r: dict[str, Any]) -> tuple:
+        d = r.get("perplexity_delta")
+        return (r.get("policy") != "dense", d if isinstance(d, (int, float)) and d == d else math.inf)
+    return sorted(pts, key=key)
+
+
 def build(all_rows: list[dict[str, Any]]) -> tuple[str, str]:
     """(html, markdown) for the LM rows of a results file."""
     rows, older = select(all_rows)
@@ -408,7 +435,7 @@ def build(all_rows: list[dict[str, Any]]) -> tuple[str, str]:
     cols = svg.colours(names)
     bs = next((int(k.split("_b")[1]) for r in rows for k in r if k.startswith("decode_speedup_b")
                and not k.endswith("range")), None)
-    pts = [r for r in rows if r.get("policy") not in (CONTROL, PEER)]
+    pts = [r for r in rows if r.get("policy") not in SYSTEM]
     env = next((r.get("env") for r in reversed(rows) if r.get("env")), {}) or {}
     model = rows[-1].get("model", "?")
     first = min((r.get("time", "") for r in rows), default="")
@@ -441,12 +468,12 @@ def build(all_rows: list[dict[str, Any]]) -> tuple[str, str]:
                         "Their savings are not real computation skipped, so no speedup is shown for them.</div>")
     figs = "".join(f"<figure>{s}<figcaption>{escape(c)}</figcaption></figure>" for s, c in charts(rows))
     sections = [("Quality against speed and compute", f'<div class="figs">{figs}</div>')]
-    rc = (lambda r: "ref" if r.get("policy") in ("dense", CONTROL, PEER) else "sim" if r.get("real") is False else "")
+    rc = (lambda r: "ref" if r.get("policy") in ("dense", *SYSTEM) else "sim" if r.get("real") is False else "")
     sections.append(("Quality and compute (every point)",
-                     '<div class="scroll">' + table_html(pts, quality_cols(cols), row_class=rc) + "</div>"
+                     '<div class="scroll">' + table_html(by_quality(pts), quality_cols(cols), row_class=rc) + "</div>"
                      + '<p class="small">Hover a column header for its definition. FLOPs are counted by the engine '
                        "where work happens (never inferred from a policy's intent).</p>"))
-    sysrows = pts + [r for r in rows if r.get("policy") in (CONTROL, PEER)]
+    sysrows = pts + [r for r in rows if r.get("policy") in SYSTEM]
     sections.append(("Speed and memory (every point)",
                      '<div class="scroll">' + table_html(sysrows, speed_cols(cols, bs), row_class=rc) + "</div>"
                      + '<p class="small">Speedups are dense time / policy time from the same process and weights, '
@@ -500,7 +527,8 @@ def build(all_rows: list[dict[str, Any]]) -> tuple[str, str]:
         md += ["Not measured: " + "; ".join(f"{r['policy']} @ {r['budget']:g} ({r.get('error', '')})" for r in errs), ""]
     if sims:
         md += [f"Simulated (real=false, no speedup shown): {', '.join(sims)}.", ""]
-    md += ["## Results", "", table_md(pts + [r for r in rows if r.get("policy") == PEER], headline_cols(bs)), "",
+    md += ["## Results", "", "Sorted by quality (perplexity change on held-out code, best first).", "",
+           table_md(by_quality(pts) + [r for r in rows if r.get("policy") in PEERS], headline_cols(bs)), "",
            "Speedups: dense time / policy time (decode at batch 1 and batch "
            f"{bs or '-'}; prefill 1 x 128 tokens). realization = measured decode speedup / speedup predicted from "
            "weight bytes read.", "",
