@@ -29,7 +29,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    d = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    d = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+         "python": platform.python_version()}
     if torch.cuda.is_available():
         d["gpu"] = torch.cuda.get_device_name(0)
     return d
@@ -138,14 +139,16 @@ def main() -> None:
     bound_ms = weight_bytes / bw * 1e3
     out = {"machine": machine(), "dtype": args.dtype, "device": args.device, "params": n_params,
            "config": {"layers": args.layers, "hidden": args.hidden, "ffn": 3 * args.hidden, "vocab": 8192},
-           "new_tokens": N, "bandwidth_GBps": round(bw / 1e9, 2), "weight_stream_bound_ms_per_token": round(bound_ms, 3),
+           "new_tokens": N, "bandwidth_GBps": round(bw / 1e9, 2),
+           "weight_stream_bound_ms_per_token": round(bound_ms, 3),
            "layers_skipped_in_half": sorted(skip_set), "results": res}
     print(json.dumps(out["machine"]), f"params={n_params/1e6:.1f}M dtype={args.dtype}")
     print(f"memory bandwidth {bw/1e9:.1f} GB/s -> weight-streaming bound {bound_ms:.2f} ms/token")
     for k, r in res.items():
         per = N if k.startswith("decode") else 1
         unit = "ms/token" if per > 1 else "ms"
-        row = " | ".join(f"{n}: {v['median']/per*1e3:.2f} [{v['min']/per*1e3:.2f}-{v['max']/per*1e3:.2f}]" for n, v in r.items())
+        row = " | ".join(f"{n}: {v['median']/per*1e3:.2f} [{v['min']/per*1e3:.2f}-{v['max']/per*1e3:.2f}]"
+                         for n, v in r.items())
         print(f"{k:<12} {unit:<9} {row}")
         print(f"{'':<22} ponder vs transformers {r['transformers']['median']/r['ponder']['median']:.2f}x, "
               f"half layers vs dense {r['ponder']['median']/r['ponder_half_layers']['median']:.2f}x")

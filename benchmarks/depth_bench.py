@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     from ponder.api import load
     from ponder.engine.generate import SamplingConfig, generate
     from ponder.engine.stats import Stats
+    from ponder.errors import PonderError
     from ponder.eval import timing
-    from ponder.eval.calibration import calibration_ids
     from ponder.eval.envinfo import environment
     from ponder.eval.metrics import evaluate_text, read_text, text_ids
     from ponder.eval.quality import cut_prompts, cut_windows
-    from ponder.errors import PonderError
     from ponder.policies import registry
     from ponder.policies.budget import realized
+    from ponder.policies.calibration import calibration_ids
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="ref")

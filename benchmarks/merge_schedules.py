@@ -31,7 +31,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def unmerge_encode(eng, seqs, ratio: float, layers: set[int], attn: bool, ffn: bool) -> tuple[torch.Tensor, float, float]:
+def unmerge_encode(eng, seqs, ratio: float, layers: set[int], attn: bool,
+                   ffn: bool) -> tuple[torch.Tensor, float, float]:
     """Embeddings (B, D) with per-layer merge -> compute -> unmerge; returns (embeddings, flops, dense flops)."""
     from ponder.encoders.reduce import bipartite_soft_matching, compaction, gather_rows, merge_wavg
     from ponder.models.bert import _ACTIVATIONS, attend, embed_tokens, key_bias, merge_heads, split_heads
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from ponder.encoders.api import encode_ids, load_encoder, tokenize
     from ponder.encoders.engine import EncoderStats
+    from ponder.encoders.policies.token_merge import TokenMerge
     from ponder.encoders.retrieval import load_retrieval
-    from ponder.policies.encoder.token_merge import TokenMerge
 
     torch.set_num_threads(a.threads)
     eng = load_encoder("minilm")

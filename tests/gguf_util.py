@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
-
-import gguf
 from gguf import GGMLQuantizationType as T
 
 D, F, H, HK, HD, L = 256, 512, 4, 2, 64, 2
@@ -108,19 +107,26 @@ def write_tiny_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: i
     add("token_embd.weight", "model.embed_tokens.weight", mat(V, D, 0.5))
     for i in range(L):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        add(b + "attn_norm.weight", p + "input_layernorm.weight", 1 + 0.1 * rng.standard_normal(D).astype(np.float32), False)
-        add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", 1 + 0.1 * rng.standard_normal(D).astype(np.float32), False)
+        add(b + "attn_norm.weight", p + "input_layernorm.weight",
+            1 + 0.1 * rng.standard_normal(D).astype(np.float32), False)
+        add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight",
+            1 + 0.1 * rng.standard_normal(D).astype(np.float32), False)
         perm = arch == "llama"
         add(b + "attn_q.weight", p + "self_attn.q_proj.weight", mat(H * HD, D), heads=H if perm else None)
         add(b + "attn_k.weight", p + "self_attn.k_proj.weight", mat(HK * HD, D), heads=HK if perm else None)
         add(b + "attn_v.weight", p + "self_attn.v_proj.weight", mat(HK * HD, D))
         if arch == "qwen2":
-            add(b + "attn_q.bias", p + "self_attn.q_proj.bias", 0.1 * rng.standard_normal(H * HD).astype(np.float32), False)
-            add(b + "attn_k.bias", p + "self_attn.k_proj.bias", 0.1 * rng.standard_normal(HK * HD).astype(np.float32), False)
-            add(b + "attn_v.bias", p + "self_attn.v_proj.bias", 0.1 * rng.standard_normal(HK * HD).astype(np.float32), False)
+            add(b + "attn_q.bias", p + "self_attn.q_proj.bias",
+                0.1 * rng.standard_normal(H * HD).astype(np.float32), False)
+            add(b + "attn_k.bias", p + "self_attn.k_proj.bias",
+                0.1 * rng.standard_normal(HK * HD).astype(np.float32), False)
+            add(b + "attn_v.bias", p + "self_attn.v_proj.bias",
+                0.1 * rng.standard_normal(HK * HD).astype(np.float32), False)
         if arch == "qwen3":
-            add(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", 1 + 0.1 * rng.standard_normal(HD).astype(np.float32), False)
-            add(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", 1 + 0.1 * rng.standard_normal(HD).astype(np.float32), False)
+            add(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight",
+                1 + 0.1 * rng.standard_normal(HD).astype(np.float32), False)
+            add(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight",
+                1 + 0.1 * rng.standard_normal(HD).astype(np.float32), False)
         add(b + "attn_output.weight", p + "self_attn.o_proj.weight", mat(D, H * HD))
         add(b + "ffn_gate.weight", p + "mlp.gate_proj.weight", mat(F, D))
         add(b + "ffn_up.weight", p + "mlp.up_proj.weight", mat(F, D))

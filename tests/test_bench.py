@@ -301,7 +301,8 @@ def test_bench_measures_a_policy_variant_beside_the_default(tiny_bench, tmp_path
     assert cli_main(a + ["--no-peer", "--no-report"]) == 0
     by = {r["policy"]: r for r in _rows(tmp_path / "variants")}
     v = by["random:seed=3"]
-    assert v["policy_name"] == "random" and v["policy_params"]["seed"] == 3 and by["random"]["policy_params"]["seed"] == 0
+    assert (v["policy_name"] == "random" and v["policy_params"]["seed"] == 3
+            and by["random"]["policy_params"]["seed"] == 0)
     assert v["flops_fraction"] < 0.75 and v["sample"] != by["random"]["sample"]  # another seed, other decisions
 
 
@@ -342,9 +343,7 @@ def test_report_command_needs_results(tmp_path, capsys):
 
 
 def test_quick_profile_covers_every_registered_policy():
-    from ponder.eval.bench import QUICK_BUDGETS, BenchSettings, plan_points
-
-    from ponder.eval.bench import default_policies
+    from ponder.eval.bench import QUICK_BUDGETS, BenchSettings, default_policies, plan_points
 
     pts = plan_points(default_policies(), list(QUICK_BUDGETS))
     assert {p.policy for p in pts} >= set(registry.names()) - {"dense"}
@@ -357,7 +356,7 @@ _ = os
 
 
 def test_policy_specs_parse_to_the_right_types():
-    from ponder.policies.encoder import registry as enc
+    from ponder.encoders.policies import registry as enc
     from ponder.policies.spec import parse_policy
 
     assert parse_policy("token-prune:score=norm;layers=1/2") == ("token-prune", {"score": "norm", "layers": (1, 2)})

@@ -128,7 +128,7 @@ def test_cli_incremental_output_resumes(tmp_path, capsys, monkeypatch, suffix):
     full = tmp_path / f"full{suffix}"
     assert _run(capsys, "--file", str(f), "--out", str(full), "--batch-size", "3")[0] == 0
     monkeypatch.setattr(ecli, "CHUNK", 4)
-    real = api.encode_ids
+    real = ecli.encode_ids
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -137,7 +137,7 @@ def test_cli_incremental_output_resumes(tmp_path, capsys, monkeypatch, suffix):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(api, "encode_ids", flaky)
+    monkeypatch.setattr(ecli, "encode_ids", flaky)
     part = tmp_path / f"part{suffix}"
     assert _run(capsys, "--file", str(f), "--out", str(part), "--batch-size", "3")[0] == 130
     side = part.with_name(part.name + ".partial.json")

@@ -8,6 +8,7 @@ import torch
 import ponder.api as api
 from conftest import FAMILIES
 from ponder.engine import LayerPlan, SamplingConfig, Stats, generate
+from ponder.engine.forward import PlannerBase
 from ponder.errors import PonderError
 
 TOL = 2e-5  # float32; observed max |diff| ~3e-7 on these sizes
@@ -64,8 +65,8 @@ def test_padded_batch_equals_rows_alone(tiny_folder):
 
 
 def _remove_layer(eng_folder, i):
-    from ponder.models.loader import load_folder
     from ponder.engine.forward import Engine
+    from ponder.models.loader import load_folder
 
     m, _ = load_folder(eng_folder)
     del m.model.layers[i]
@@ -73,7 +74,7 @@ def _remove_layer(eng_folder, i):
     return Engine(m)
 
 
-class Fixed:
+class Fixed(PlannerBase):
     def __init__(self, plans):
         self.plans = plans
 
@@ -195,7 +196,8 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_folder):
     a = generate(eng, [[5, 6, 7]], sc).tokens
     assert a == generate(eng, [[5, 6, 7]], sc).tokens
     sc1 = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=1, seed=3)
-    assert generate(eng, [[5, 6, 7]], sc1).tokens == generate(eng, [[5, 6, 7]], SamplingConfig(max_new_tokens=10)).tokens
+    assert (generate(eng, [[5, 6, 7]], sc1).tokens
+            == generate(eng, [[5, 6, 7]], SamplingConfig(max_new_tokens=10)).tokens)
 
 
 def test_stop_tokens_and_streaming(tiny_folder):

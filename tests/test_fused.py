@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ponder.api as api
-from ponder.engine import LayerPlan, SamplingConfig, Stats, generate
-from ponder.engine import fused
+from ponder.engine import LayerPlan, SamplingConfig, Stats, fused
+from ponder.engine.forward import PlannerBase
 from ponder.policies import registry
 
 can_build = shutil.which(os.environ.get("CXX", "c++")) is not None and fused.enabled()
@@ -50,7 +50,7 @@ def _pair(folder, dtype):
     return a, b
 
 
-class _Mixed:
+class _Mixed(PlannerBase):
     """Every planned shape the fused steps serve: layer 0 skipped by every row but its K/V computed; layer 1's FFN
     skipped by row 0; layer 2's FFN run by an explicit all-rows index set (the no-gather path); layer 3 skipped by
     row 0 with K/V computed while the other rows run it (they reuse the normed rows)."""
@@ -111,7 +111,8 @@ def test_fused_steps_keep_random_skipping_identical(tiny_folder):
     runs = []
     for eng in (fz, py):
         st = Stats(eng.cfg)
-        r = registry.get("random", 0.6).generate(eng, [[5, 6, 7, 8, 9, 10], [40, 41]], SamplingConfig(max_new_tokens=10), st)
+        r = registry.get("random", 0.6).generate(eng, [[5, 6, 7, 8, 9, 10], [40, 41]],
+                                                 SamplingConfig(max_new_tokens=10), st)
         runs.append((r.tokens, st.summary()))
     assert runs[0] == runs[1]
     assert runs[0][1]["flops_fraction"] < 0.9

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
-import gguf
 from gguf.quants import dequantize
-from ponder.errors import PonderError
-from ponder.models.gguf import SUPPORTED_TYPES, permute_rows, read_gguf, unpermute_rows, write_gguf
 
 from gguf_util import write_tiny_gguf
+from ponder.errors import PonderError
+from ponder.models.gguf import SUPPORTED_TYPES, permute_rows, read_gguf, unpermute_rows, write_gguf
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -184,7 +183,8 @@ def test_unknown_type_id(tmp_path):
 def test_type_without_dequantiser(tmp_path):
     f = tmp_path / "q81.gguf"
     w = gguf.GGUFWriter(str(f), "llama")
-    for k, v in (("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64), ("attention.head_count", 1)):
+    for k, v in (("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
+                 ("attention.head_count", 1)):
         w.add_uint32(f"llama.{k}", v)
     w.add_tensor("token_embd.weight", np.zeros((4, 40), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     w.write_header_to_file()

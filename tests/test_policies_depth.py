@@ -9,6 +9,7 @@ import torch
 
 import ponder.api as api
 from ponder.engine import LayerPlan, SamplingConfig, Stats, generate
+from ponder.engine.forward import PlannerBase
 from ponder.engine.stats import ATTN, FFN
 from ponder.errors import PonderError
 from ponder.policies import registry
@@ -205,7 +206,7 @@ def test_engine_kv_copy_copies_the_previous_layer(eng):
     plans = [None, None, LayerPlan.from_masks(mask, mask, kv="copy"), LayerPlan.from_masks(mask, mask, kv="copy")] \
         + [None] * 4
 
-    class Fixed:
+    class Fixed(PlannerBase):
         def layer(self, i, x, ctx):
             return plans[i]
 
@@ -226,17 +227,17 @@ def test_exit_kv_writes_what_per_layer_compute_writes(tiny_folder, family, stack
     e = api.load(tiny_folder(family, layers=6)[0])
     if not stacked:
         monkeypatch.setattr(type(e), "EXIT_STACK_MAX_BYTES", 0)
-    L, T = e.cfg.num_hidden_layers, 9
+    T = 9
     ids = torch.randint(3, e.cfg.vocab_size, (2, T))
     run = torch.ones(2, T, dtype=torch.bool)
     run[0, 3], run[1, 7], run[1, 8] = False, False, False  # these tokens leave before layer 2
     gone = (~run).reshape(-1).nonzero().squeeze(1)
 
-    class PerLayer:
+    class PerLayer(PlannerBase):
         def layer(self, i, x, ctx):
             return LayerPlan.from_masks(run, run, kv="compute") if i >= 2 else None
 
-    class AtExit:
+    class AtExit(PlannerBase):
         def layer(self, i, x, ctx):
             if i == 2:
                 e.exit_kv(2, gone, x.reshape(-1, x.shape[-1])[gone], ctx)
@@ -305,7 +306,7 @@ def test_early_exit_saturation_measure_is_cheap_and_consistent(eng):
 
 
 def test_early_exit_logits_come_from_the_frozen_exit_state(eng):
-    from ponder.eval.lens import _Tap
+    from ponder.engine.states import _Tap
 
     ids = torch.tensor([CALIB[0][:1]])  # one token: nothing before it, so exit state = dense state at that depth
     pol = registry.get("early-exit", 1.0, threshold=0.0)

@@ -87,8 +87,8 @@ def test_default_sampling_stops_at_end_of_turn(eng):
 @pytest.mark.parametrize("spec", ["self-speculative:drafter=lookup", "self-speculative"])
 def test_lossless_policies_equal_dense(eng, spec):
     from ponder.engine.generate import SamplingConfig, generate
-    from ponder.eval.calibration import calibration_ids
     from ponder.policies import get
+    from ponder.policies.calibration import calibration_ids
 
     ids = eng.tokenizer.encode(CODE * 2)
     sc = SamplingConfig(max_new_tokens=24, stop_tokens=())

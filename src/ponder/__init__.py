@@ -5,17 +5,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .errors import PonderError  # noqa: E402
-from .encoders.api import embed  # noqa: E402,F401  (lazy: torch and the model load on the first call)
 
-__all__ = ["PonderError", "__version__", "embed", "load", "from_hf"]
-_API = ("load", "from_hf")
+__all__ = ["PonderError", "__version__", "embed", "from_hf", "load"]
+_API = {"load": "api", "from_hf": "api", "embed": "encoders.api"}
 
 
 def __getattr__(name: str) -> Any:
-    """``ponder.load`` / ``ponder.from_hf`` without importing torch on ``import ponder`` (the CLI's error paths and
-    ``ponder --help`` stay fast)."""
+    """``ponder.load`` / ``ponder.from_hf`` / ``ponder.embed`` resolved on first use: ``import ponder`` (and so
+    ``import ponder.engine``) imports neither torch's model stack nor the encoder or evaluation layers, which keeps
+    the CLI's error paths fast and the layers' imports one-way."""
     if name in _API:
-        from . import api
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'ponder' has no attribute {name!r}")

@@ -47,7 +47,7 @@ def _policy(args: argparse.Namespace, engine):
 
 def calibrate(pol, engine) -> None:
     """Calibrate on the shipped calibration text (never the evaluation data)."""
-    from .eval.calibration import calibration_ids
+    from .policies.calibration import calibration_ids
 
     pol.calibrate(engine, calibration_ids(engine))
 

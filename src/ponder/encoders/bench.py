@@ -20,21 +20,31 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PonderError
-from ..eval.sweep import NOISE_BAND
-from ..policies.spec import parse_policy
+import torch
 
-CONTROL = "dense-control"
+from ..errors import PonderError
+from ..eval import envinfo, timing
+from ..eval.bench_cli import print_summary
+from ..eval.report import build_report
+from ..eval.sweep import NOISE_BAND, ResultsFile, parse_budgets, point_key, progress, settings_hash
+from ..models.bert import attn_block, embed_tokens, ffn_block, key_bias, pool
+from ..policies.spec import parse_policy
+from .api import calibration_seqs, encode_ids, get_policy, load_encoder, tokenize
+from .engine import EncoderStats
+from .policies import registry
+from .report import CONTROL, headline
+from .retrieval import data_dir, load_retrieval, overlap_at_k, rank_topk, recall_at_k
+
 DEFAULT_POLICIES = ("token-prune", "token-prune:score=norm", "token-merge", "token-merge:mode=threshold",
                     "token-exit", "layer-skip")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 QUICK_BUDGETS = (0.8, 0.6)
-TARGET = {"speedup_b32": 1.8, "cos_mean": 0.99, "recall_drop_points": 1.0}
 
 
 @dataclass
@@ -50,19 +60,14 @@ class EmbedSettings:
     profile: str = "full"
 
     @classmethod
-    def quick(cls) -> "EmbedSettings":
+    def quick(cls) -> EmbedSettings:
         return cls(queries=150, passages=600, timing_texts_b32=128, timing_texts_b1=12, repeats=3, min_timed_s=0.4,
                    profile="quick")
 
 
 class EmbedBench:
     def __init__(self, model: str, settings: EmbedSettings, out_dir: str | Path, show_progress: bool = True):
-        import torch
 
-        from ..eval import envinfo
-        from ..eval.sweep import ResultsFile, settings_hash
-        from .api import load_encoder, tokenize
-        from .retrieval import load_retrieval
 
         self.s = settings
         self.eng = load_encoder(model)
@@ -95,8 +100,6 @@ class EmbedBench:
 
     # ---- pieces ------------------------------------------------------------------------------------------------
     def embed_all(self, pol) -> dict[str, Any]:
-        from .api import encode_ids
-        from .engine import EncoderStats
 
         st = EncoderStats(self.eng.cfg)
         p = encode_ids(self.eng, self.p_seqs, pol, self.s.batch, st)
@@ -106,7 +109,6 @@ class EmbedBench:
 
     def dense(self) -> dict[str, Any]:
         if self._dense is None:
-            from .retrieval import rank_topk, recall_at_k
 
             d = self.embed_all(None)
             d["top"] = rank_topk(d["q"], d["p"], 10)
@@ -115,9 +117,7 @@ class EmbedBench:
         return self._dense
 
     def quality(self, pol) -> dict[str, Any]:
-        import torch
 
-        from .retrieval import overlap_at_k, rank_topk, recall_at_k
 
         d = self.dense()
         r = self.embed_all(pol)
@@ -140,13 +140,10 @@ class EmbedBench:
 
     def timing(self, pol) -> dict[str, Any]:
         """Throughput at batch 32 and 1, each interleaved with dense (None: dense again, the A/A control)."""
-        from ..eval import timing
-        from .api import encode_ids
 
         def fn(p, seqs, bs):
             return lambda: encode_ids(self.eng, seqs, p, bs)
 
-        import os
 
         s = self.s
         out: dict[str, Any] = {"timings": {}, "loadavg_before": os.getloadavg()[0]}
@@ -168,10 +165,7 @@ class EmbedBench:
     def stage_cos(self, n: int = 128) -> list[dict[str, Any]]:
         """Why tokens cannot leave early: per stage, the cosine between the embedding pooled from that stage's
         states (as they are, and through the calibrated affine map) and the real embedding, on n passages."""
-        import torch
 
-        from ..models.bert import attn_block, embed_tokens, ffn_block, key_bias, pool
-        from .api import calibration_seqs
 
         eng = self.eng
         maps = eng.extrapolators(calibration_seqs(eng))
@@ -203,11 +197,10 @@ class EmbedBench:
     def base_row(self, label: str, budget: float) -> dict[str, Any]:
         return {"task": "embed", "policy": label, "budget": budget, "settings": self.skey, "profile": self.s.profile,
                 "model": self.model_id, **self.fingerprint, "n_layers": self.eng.cfg.num_hidden_layers,
-                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
     # ---- rows --------------------------------------------------------------------------------------------------
     def dense_rows(self) -> list[dict[str, Any]]:
-        from ..policies.encoder import registry
 
         t0 = time.perf_counter()
         dense = registry.get("dense", 1.0)
@@ -231,7 +224,6 @@ class EmbedBench:
         return [row, ctl]
 
     def policy_row(self, spec: str, budget: float) -> dict[str, Any]:
-        from .api import calibration_seqs, get_policy
 
         t0 = time.perf_counter()
         name, kw = parse_policy(spec)
@@ -251,7 +243,6 @@ class EmbedBench:
         return row
 
     def run(self, policies: list[str], budgets: list[float], write_report: bool = True) -> dict[str, Any]:
-        from ..eval.sweep import point_key, progress
 
         t0 = time.perf_counter()
         todo: list[tuple[str, float]] = []
@@ -286,7 +277,6 @@ class EmbedBench:
         bar.close()
         report: list[str] = []
         if write_report:
-            from ..eval.report import build_report
 
             report = [str(p) for p in build_report(self.out.dir)]
         return {"written": written, "skipped": skipped, "failed": failed, "results": str(self.out.path),
@@ -294,7 +284,6 @@ class EmbedBench:
 
 
 def _data_id() -> str:
-    from .retrieval import data_dir
 
     m = data_dir() / "manifest.json"
     return json.loads(m.read_text())["sha256"]["passages.jsonl"][:12] if m.is_file() else "missing"
@@ -304,8 +293,6 @@ def run_cli(args: argparse.Namespace) -> int:
     """The ``--task embed`` branch of ``ponder bench`` (dispatched by ``ponder.eval.bench_cli.TASKS``)."""
     import torch
 
-    from ..eval.sweep import parse_budgets
-    from ..policies.encoder import registry
 
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -329,7 +316,5 @@ def run_cli(args: argparse.Namespace) -> int:
         raise PonderError("the embed bench runs on CPU only")
     bench = EmbedBench(model, s, args.out, show_progress=not args.no_progress and not args.json)
     summary = bench.run(policies, budgets, write_report=not args.no_report)
-    from ..eval.bench_cli import print_summary
-    from .report import headline
 
     return print_summary(summary, args.json, "embed bench", "row(s) written", headline)

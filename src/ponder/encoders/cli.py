@@ -17,8 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
 from ..errors import PonderError
 from ..policies.spec import parse_params
+from .api import check_texts, encode_ids, get_policy, load_encoder, tokenize
+from .engine import EncoderStats
+from .policies import registry
 
 CHUNK = 512  # texts per write: the unit of incremental output and of resumption
 PROGRESS_MIN = 64  # show a progress bar from this many texts on
@@ -166,15 +172,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not texts:
         raise PonderError(f"no texts in {source}; give one text per line")
     where = _where(source)
-    from .api import check_texts
-
     check_texts(texts, where)
     params = parse_params(args.param)
-    import torch
-
-    from .api import encode_ids, get_policy, load_encoder, tokenize
-    from .engine import EncoderStats
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
@@ -182,9 +181,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     eng = load_encoder(args.model, args.dtype)
     if args.no_truncate:  # refuse before anything is written
         tokenize(eng, texts, truncate=False, where=where)
-    from ..policies.encoder import registry as _enc_registry
-
-    _enc_registry.get(args.policy, args.budget, **params)  # bad name, budget or parameter: before any progress line
+    registry.get(args.policy, args.budget, **params)  # bad name, budget or parameter: before any progress line
     if args.policy != "dense" and args.budget < 1.0 and not args.no_progress:
         print(f"ponder: fitting {args.policy} to budget {args.budget:g} on the calibration split...", file=sys.stderr)
     pol = get_policy(eng, args.policy, args.budget, **params)
@@ -198,8 +195,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     show = not args.no_progress and len(texts) - start0 >= PROGRESS_MIN
     bar = None
     if show:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(texts), initial=start0, unit="text", desc="embed", file=sys.stderr, dynamic_ncols=True)
     stats = EncoderStats(eng.cfg)
     n_cut, first_cut = 0, None

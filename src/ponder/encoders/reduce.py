@@ -59,8 +59,8 @@ def bipartite_soft_matching(metric: torch.Tensor, mergeable: torch.Tensor, r: to
     Rows alternate between set A (even) and set B (odd); each A row proposes its most similar B row (cosine of
     ``metric``); the ``r[b]`` best proposals of row b are merged. ``mergeable`` (B, n) excludes padding and
     protected rows ([CLS]/[SEP]) on both sides. With ``threshold`` only proposals with a cosine above it merge (DyMU's
-    dynamic merging: a redundant text merges more, a dense one less). Returns (merged (B, n) bool: the A rows that disappear,
-    dst (B, n) long: the row each row now lives in - itself unless merged).
+    dynamic merging: a redundant text merges more, a dense one less). Returns (merged (B, n) bool: the A rows that
+    disappear, dst (B, n) long: the row each row now lives in - itself unless merged).
     """
     B, n, _ = metric.shape
     m = F.normalize(metric, dim=-1, eps=1e-6)

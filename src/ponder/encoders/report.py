@@ -11,7 +11,10 @@ from html import escape
 from typing import Any
 
 from ..eval.report import page, svg
-from .bench import CONTROL, TARGET
+from ..eval.report.page import md_headline
+
+CONTROL = "dense-control"
+TARGET = {"speedup_b32": 1.8, "cos_mean": 0.99, "recall_drop_points": 1.0}  # the embedding issue's target
 
 
 def _f(v: Any, d: int = 4) -> str:
@@ -116,7 +119,8 @@ def prune_vs_merge(rows: list[dict[str, Any]]) -> str:
     m_wins = [b for b in common if b not in p_wins]
     for b in common:
         p, m = pr[b], mg[b]
-        lines.append(f"budget {b:g}: prune ({p['policy']}) cos {p['cos_mean']:.4f}, recall {-p['recall_drop_points']:+.1f}"
+        lines.append(f"budget {b:g}: prune ({p['policy']}) cos {p['cos_mean']:.4f}, recall "
+                     f"{-p['recall_drop_points']:+.1f}"
                      f", {_speed(p, 'b32')}; merge ({m['policy']}) cos {m['cos_mean']:.4f}, recall "
                      f"{-m['recall_drop_points']:+.1f}, {_speed(m, 'b32')}")
     if not p_wins:
@@ -192,7 +196,9 @@ def build_sections(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str
             "identical for every policy, is left out); every policy is timed interleaved with dense in the same "
             "process. Budgets are fractions of dense FLOPs; each policy's knob is fitted on the calibration "
             "split.</p>")
-    table = '<div class="scroll">' + page.table_html(table_rows, COLUMNS, row_class=lambda r: "ref" if r["policy"] == "dense" else "") + "</div>"
+    table = ('<div class="scroll">'
+             + page.table_html(table_rows, COLUMNS, row_class=lambda r: "ref" if r["policy"] == "dense" else "")
+             + "</div>")
     pvm = prune_vs_merge(rows)
     pvm_html = "".join(f"<p>{escape(p)}</p>" if not p.startswith("- ") else
                        "<ul>" + "".join(f"<li>{escape(ln[2:])}</li>" for ln in p.splitlines()) + "</ul>"
@@ -221,8 +227,6 @@ def build_sections(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str
 
 def headline(md: str) -> str:
     """The verdict lines and the results table of report.md, for the terminal."""
-    from ..eval.bench_cli import _headline
-
     extra = [ln for ln in md.splitlines() if ln.startswith("**") and not ln.startswith("**A/A control")]
-    head = _headline(md).splitlines()
+    head = md_headline(md).splitlines()
     return "\n".join(head[:1] + extra + head[1:])

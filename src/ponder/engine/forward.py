@@ -13,8 +13,9 @@ step, so a plain model pays nothing for the machinery.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,7 @@ def saturation_sums(p: torch.Tensor, x: torch.Tensor, with_pp: bool) -> tuple[to
 class StepContext:
     """What a planner may look at when deciding a layer's plan."""
 
-    engine: "Engine"
+    engine: Engine
     B: int
     T: int
     start: int
@@ -132,9 +133,34 @@ class StepContext:
 
 
 class Planner(Protocol):
-    """Asked once per layer, with the incoming hidden states (B, T, D) of the step's tokens."""
+    """Everything the engine asks a planner, per forward step. ``PlannerBase`` implements the two optional hooks as
+    no-ops, so a policy's planner subclasses it and overrides what it uses."""
 
-    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None: ...
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        """Before layer ``i``, with the incoming states (B, T, D): that layer's plan (None: dense)."""
+        ...
+
+    def observe(self, i: int, x: torch.Tensor, ctx: StepContext) -> None:
+        """After layer ``i``, with its output states (an exit check or a tap reads them here)."""
+        ...
+
+    def known_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After the last layer: (flat rows, their logits) the planner already computed from the very same final
+        states (an exited token's check), which the engine then does not recompute; None when there are none."""
+        ...
+
+
+class PlannerBase:
+    """The ``Planner`` contract with its optional hooks as no-ops."""
+
+    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> LayerPlan | None:
+        return None
+
+    def observe(self, i: int, x: torch.Tensor, ctx: StepContext) -> None:
+        return None
+
+    def known_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
 
 
 @dataclass
@@ -228,11 +254,13 @@ class Engine:
         if st is None:  # a large model: no stacked copy of the K/V weights; one layer at a time, still no planning
             for j in range(first, L):
                 w = self.layers[j]
-                ctx.cache.k[j][r, :, col], ctx.cache.v[j][r, :, col] = self._row_kv(w, rms_norm(h, w.ln1, eps), cos, sin)
+                kj, vj = self._row_kv(w, rms_norm(h, w.ln1, eps), cos, sin)
+                ctx.cache.k[j][r, :, col], ctx.cache.v[j][r, :, col] = kj, vj
             return
         ln, wkv, bkv, kn = (t[first:] if t is not None else None for t in st)
         hn = rms_norm(h[None].expand(Lr, n, h.shape[-1]), ln[:, None, :], eps)  # (Lr, n, D): each layer's norm
-        kv = torch.bmm(hn, wkv.transpose(1, 2)) if bkv is None else torch.baddbmm(bkv[:, None, :], hn, wkv.transpose(1, 2))
+        wt = wkv.transpose(1, 2)
+        kv = torch.bmm(hn, wt) if bkv is None else torch.baddbmm(bkv[:, None, :], hn, wt)
         kv = kv.view(Lr, n, 2, Hk, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
         if kn is not None:
@@ -290,14 +318,14 @@ class Engine:
         ctx = StepContext(self, B, T, start, end, positions, phase, stats, cache)
         if stats is not None and first_layer == 0:
             stats.begin_step(B, T, start)
-        base_mask = self._mask(cache, cache.valid, T, start, end) if cache.padded or T > 1 else None
+        base_mask = self._mask(cache.valid, start, end) if cache.padded or T > 1 else None
         causal = not cache.padded and T > 1 and start == 0
         for i in range(first_layer, last_layer):
             plan = planner.layer(i, x, ctx) if planner is not None else None
             if plan is not None and plan.attn is not None:
                 mask, is_causal = None, False  # planned attention rows build their own mask (or none runs)
             elif i in cache.holes:
-                mask, is_causal = self._mask(cache, cache.holes[i], T, start, end), False
+                mask, is_causal = self._mask(cache.holes[i], start, end), False
             else:
                 mask, is_causal = (None, True) if causal else (base_mask, False)
             if plan is None or plan.dense:
@@ -306,16 +334,14 @@ class Engine:
                     stats.layer(i, None, None, None, None)
             else:
                 x = self._planned_layer(i, x, plan, cos, sin, cache, start, end, mask, is_causal, stats)
-            obs = getattr(planner, "observe", None)
-            if obs is not None:
-                obs(i, x, ctx)
+            if planner is not None:
+                planner.observe(i, x, ctx)
         if stats is not None and last_layer == L:
             stats.end_step()
         out = None
         if logits in ("all", "last"):
-            known = getattr(planner, "known_logits", None)
-            out = self._final_logits(x, logits == "last", known() if known is not None and last_layer == L else None,
-                                     stats)
+            known = planner.known_logits() if planner is not None and last_layer == L else None
+            out = self._final_logits(x, logits == "last", known, stats)
         return ForwardOutput(out, x)
 
     def _final_logits(self, x: torch.Tensor, last: bool, known: tuple[torch.Tensor, torch.Tensor] | None,
@@ -348,14 +374,15 @@ class Engine:
             stats.add_head(n, want)
         return out
 
-    def _mask(self, cache: KVCache, valid: torch.Tensor, T: int, start: int, end: int) -> torch.Tensor | None:
-        """(B, 1, T, end) boolean: causal, valid keys, and always the query itself (keeps padding rows finite)."""
+    @staticmethod
+    def _mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """(B, end - start, end) boolean for the queries at columns [start, end): causal, valid keys, and always the
+        query itself (keeps padding rows finite). ``_attend`` adds the head dimension."""
         kcol = torch.arange(end, device=valid.device)
         qcol = torch.arange(start, end, device=valid.device)
         causal = kcol[None, :] <= qcol[:, None]
         own = kcol[None, :] == qcol[:, None]
         return (causal[None] & valid[:, None, :end]) | own[None]
-        # unsqueezed to (B, 1, T, end) by the caller through broadcasting in SDPA
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool) -> torch.Tensor:

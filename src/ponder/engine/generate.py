@@ -7,8 +7,8 @@ its strategies apart from its model slicing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -29,7 +29,7 @@ class SamplingConfig:
     # generate stops at its EOS; () never stops early.
     stop_tokens: tuple[int, ...] | None = None
 
-    def stops(self, engine: "Engine") -> set[int]:
+    def stops(self, engine: Engine) -> set[int]:
         return set(engine.stop_tokens if self.stop_tokens is None else self.stop_tokens)
 
     def validate(self) -> None:
@@ -212,7 +212,7 @@ def score(engine: Engine, ids: list[int], window: int | None = None, stride: int
             planner = planner_factory() if planner_factory else None
             lg = engine.forward(x, None, planner, stats, logits="all", phase="score").logits.float()
             lp = torch.log_softmax(lg[:, :-1], dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
-            for r, (b, e, s) in enumerate(group):
+            for r, (b, _e, s) in enumerate(group):
                 pieces.append(lp[r, s - b - 1:].cpu())
             i += len(group)
             if progress is not None:

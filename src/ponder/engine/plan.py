@@ -39,13 +39,13 @@ class LayerPlan:
         return self.attn is None and self.ffn is None
 
     @staticmethod
-    def skip(device: torch.device | str = "cpu", kv: KVMode = "none") -> "LayerPlan":
+    def skip(device: torch.device | str = "cpu", kv: KVMode = "none") -> LayerPlan:
         """Skip the whole layer for every row."""
         e = torch.empty(0, dtype=torch.long, device=device)
         return LayerPlan(attn=e, ffn=e, kv=kv)
 
     @staticmethod
-    def from_masks(attn: torch.Tensor | None, ffn: torch.Tensor | None, kv: KVMode = "compute") -> "LayerPlan":
+    def from_masks(attn: torch.Tensor | None, ffn: torch.Tensor | None, kv: KVMode = "compute") -> LayerPlan:
         """Build from boolean masks of shape (B, T) (True = run). All-True masks become the dense ``None``."""
         return LayerPlan(attn=_rows(attn), ffn=_rows(ffn), kv=kv)
 

@@ -44,7 +44,8 @@ class Stats:
                      if self.record_tokens else None)
         c = self.cfg
         per_tok = 2 * (c.attn_proj_params + c.ffn_params)
-        self.dense_flops += B * T * per_tok * c.num_hidden_layers + c.attn_core_flops(1) * self._ctx_sum * c.num_hidden_layers
+        self.dense_flops += (B * T * per_tok * c.num_hidden_layers
+                             + c.attn_core_flops(1) * self._ctx_sum * c.num_hidden_layers)
         layer_bytes = (c.attn_proj_params + c.ffn_params) * self.weight_bytes_per_param
         self.dense_weight_bytes += layer_bytes * c.num_hidden_layers
 

@@ -20,15 +20,16 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..engine.forward import Engine
 from ..engine.generate import SamplingConfig, generate
-from ..engine.stats import ATTN, KV, Stats
+from ..engine.stats import ATTN, KV
 from ..errors import PonderError
 from . import envinfo, quality, timing
 from .sweep import NOISE_BAND, ResultsFile, point_key, progress, settings_hash
@@ -86,12 +87,12 @@ class BenchSettings:
     profile: str = "full"
 
     @classmethod
-    def full(cls) -> "BenchSettings":
+    def full(cls) -> BenchSettings:
         return cls(data=str(repo_data("code.txt")), prose=str(repo_data("prose.txt")),
                    probes_file=str(repo_data("probes.jsonl")), instruct_file=str(repo_data("instruct.jsonl")))
 
     @classmethod
-    def quick(cls) -> "BenchSettings":
+    def quick(cls) -> BenchSettings:
         # Sized for a 30-layer 135M model on 2 cores (about 20 s a point): every policy at two budgets in < 8 min.
         return cls(data=str(repo_data("code.txt")), prose=None, probes_file=str(repo_data("probes.jsonl")),
                    ppl_tokens=1024, prose_tokens=0, kl_tokens=512, prompts=3, prompt_tokens=40, new_tokens=16,
@@ -220,7 +221,7 @@ class Bench:
         return {"task": "lm", "policy": policy_name, "budget": budget, "settings": self.skey,
                 "profile": self.settings.profile, "model": self.model_id, **self.fingerprint,
                 "n_layers": self.engine.cfg.num_hidden_layers, "bench_settings": self.settings_fields,
-                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
     def quality_fields(self, pol: Any, bar=None) -> dict[str, Any]:
         e, s = self.engine, self.settings
@@ -262,7 +263,8 @@ class Bench:
             row.update(prose_perplexity=prose["perplexity"], prose_perplexity_dense=ref.prose_ppl["perplexity"],
                        prose_perplexity_delta=prose["perplexity"] / ref.prose_ppl["perplexity"] - 1.0)
         if pr is not None:
-            row.update(probe_exact_match=pr["probe_exact_match"], probe_exact_match_dense=ref.probes["probe_exact_match"],
+            row.update(probe_exact_match=pr["probe_exact_match"],
+                       probe_exact_match_dense=ref.probes["probe_exact_match"],
                        probe_by_kind=pr["probe_by_kind"], probes=pr["probes"], probes_truncated=pr["probes_truncated"])
         return row
 
@@ -379,7 +381,8 @@ class Bench:
         pol.generate(e, self.decode_prompts[:1], scn, pn)
         # Everything read, on both sides: the policy's layers, its own checks and its head calls (a draft reads the
         # head too) against dense's layers and one head per step.
-        wb = (pn.weight_bytes + pn.overhead_bytes + pn.head_bytes) - (p1.weight_bytes + p1.overhead_bytes + p1.head_bytes)
+        wb = ((pn.weight_bytes + pn.overhead_bytes + pn.head_bytes)
+              - (p1.weight_bytes + p1.overhead_bytes + p1.head_bytes))
         dwb = (pn.dense_weight_bytes + pn.dense_head_bytes) - (p1.dense_weight_bytes + p1.dense_head_bytes)
         out["decode_total_weight_bytes_fraction"] = wb / dwb if dwb > 0 else None
         maps = pn.unit_maps
@@ -400,7 +403,8 @@ class Bench:
             torch.cuda.reset_peak_memory_stats(e.device)
             pol.generate(e, prompts, sc, None)
             timing.sync(e.device)
-            return {"peak_memory_bytes": torch.cuda.max_memory_allocated(e.device), "peak_memory_kind": "cuda_allocated"}
+            return {"peak_memory_bytes": torch.cuda.max_memory_allocated(e.device),
+                    "peak_memory_kind": "cuda_allocated"}
         exact = envinfo.rss_peak_reset()
         pol.generate(e, prompts, sc, None)
         return {"peak_memory_bytes": envinfo.rss_peak_bytes(),
@@ -409,7 +413,7 @@ class Bench:
     def calibrate(self, pol: Any) -> None:
         """Fit the policy on the shipped calibration text (never the evaluation data), cut once per run."""
         if not hasattr(self, "_calib"):
-            from .calibration import calibration_ids
+            from ..policies.calibration import calibration_ids
 
             self._calib = calibration_ids(self.engine, n_tokens=self.settings.calib_tokens)
         pol.calibrate(self.engine, self._calib)
@@ -460,9 +464,10 @@ class Bench:
                 row[k[:-len("_dense")]] = v
         for k in [k for k in row if k.startswith("decode_ms_per_token")]:
             sfx = k[len("decode_ms_per_token"):]
-            bs = 1 if not sfx else int(sfx[2:])
+            bs = 1 if sfx in ("", "_grounded") else int(sfx[2:])  # "_b8" -> 8
             row[f"tokens_per_s{sfx}"] = bs * 1e3 / row[k] if row[k] else None
-        row.update({k: 1.0 for k in tf if k.startswith(("prefill_speedup", "decode_speedup")) and not k.endswith("_range")})
+        row.update({k: 1.0 for k in tf
+                    if k.startswith(("prefill_speedup", "decode_speedup")) and not k.endswith("_range")})
         row["timings"] = tf.get("timings")
         _add_predictions(row)
         row["env"] = self.env

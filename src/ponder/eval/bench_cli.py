@@ -12,11 +12,13 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import PonderError
 from ..models.catalog import DEFAULT_MODEL
+from .report.page import md_headline
 
 TASKS: dict[str, str] = {
     "lm": "ponder.eval.bench_cli:run_lm",
@@ -76,9 +78,10 @@ def run_lm(args: argparse.Namespace) -> int:
         if v is not None and v < (0 if k in ("prompts",) else 1):
             raise PonderError(f"--{k.replace('_', '-')} must be positive, got {v}")
     settings = profile_settings(args.quick, **overrides)
-    summary = run_lm_bench(args.model or DEFAULT_MODEL, policies, budgets, args.out, settings, dtype=args.dtype, device=args.device,
+    summary = run_lm_bench(args.model or DEFAULT_MODEL, policies, budgets, args.out, settings, dtype=args.dtype,
+                           device=args.device,
                            show_progress=not args.no_progress and not args.json, write_report=not args.no_report)
-    return print_summary(summary, args.json, "bench", "point(s) measured", _headline)
+    return print_summary(summary, args.json, "bench", "point(s) measured", md_headline)
 
 
 def print_summary(summary: dict[str, Any], as_json: bool, what: str, unit: str,
@@ -97,22 +100,6 @@ def print_summary(summary: dict[str, Any], as_json: bool, what: str, unit: str,
                 print(headline(md.read_text()))
             print("report: " + ", ".join(summary["report"]))
     return 1 if summary["failed"] else 0
-
-
-def _headline(md: str) -> str:
-    """The verdict line and the main table of report.md, for the terminal."""
-    lines = md.splitlines()
-    out, on = [], False
-    for ln in lines:
-        if ln.startswith("## Results"):
-            on = True
-            continue
-        if on and ln.startswith("## "):
-            break
-        if on:
-            out.append(ln)
-    verdict = [ln for ln in lines if ln.startswith("**A/A control")]
-    return "\n".join(verdict + [""] + [ln for ln in out if ln.strip() or out]).strip()
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -9,27 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.forward import Engine, StepContext
-
-
-class _Tap:
-    """A planner that changes nothing and keeps each layer's output."""
-
-    def __init__(self) -> None:
-        self.outs: list[torch.Tensor] = []
-
-    def layer(self, i: int, x: torch.Tensor, ctx: StepContext) -> None:
-        return None
-
-    def observe(self, i: int, x: torch.Tensor, ctx: StepContext) -> None:
-        self.outs.append(x)
-
-
-def layer_states(engine: Engine, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's output for token ids ``x`` (B, T) from one dense scoring pass: what a lens reads the head on."""
-    tap = _Tap()
-    engine.forward(x, planner=tap, logits=None, phase="score")
-    return tap.outs
+from ..engine.forward import Engine
+from ..engine.states import layer_states
 
 
 @torch.inference_mode()

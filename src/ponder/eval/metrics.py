@@ -7,8 +7,9 @@ across tokenizers and against gzip. A BOS token is prepended when the model has 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..engine.forward import Engine
 from ..engine.generate import score

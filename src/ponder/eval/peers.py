@@ -185,7 +185,6 @@ def transformers_row(bench: Any, bar=None) -> dict[str, Any]:
     row.update(_timed_pair(bench, hf_gen, bar, "transformers generate"))
     row.update(_greedy_compare(bench, lambda ids, n: hf_gen(n, ids)()[0, len(ids):].tolist()))
     row["env"] = bench.env
-    del hf
     return row
 
 
@@ -218,5 +217,4 @@ def llamacpp_row(bench: Any, which: str, bar=None) -> dict[str, Any]:
     row.update(_timed_pair(bench, lc_gen, bar, name))
     row.update(_greedy_compare(bench, lc.generate))
     row["env"] = bench.env
-    del lc
     return row

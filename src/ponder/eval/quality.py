@@ -47,7 +47,7 @@ class LogitReference:
     logprobs: list[torch.Tensor]  # per window (T, V) float32 dense log-probabilities
 
     @classmethod
-    def build(cls, engine: Engine, windows: list[list[int]]) -> "LogitReference":
+    def build(cls, engine: Engine, windows: list[list[int]]) -> LogitReference:
         lps = []
         for w in windows:
             ids = torch.tensor([w], device=engine.device)

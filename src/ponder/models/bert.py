@@ -85,7 +85,7 @@ class EncoderConfig:
         return 4 * self.hidden_size
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config.json") -> "EncoderConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "config.json") -> EncoderConfig:
         mt = d.get("model_type")
         if mt in _DECODER_TYPES or any(str(a).endswith("ForCausalLM") for a in d.get("architectures") or []):
             raise PonderError(f"{where} describes a {mt} decoder, not a BERT-family encoder; ponder embed needs an "

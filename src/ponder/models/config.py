@@ -39,7 +39,7 @@ class ModelConfig:
     sliding_window: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise PonderError(
@@ -79,10 +79,11 @@ class ModelConfig:
                 sliding_window=d.get("sliding_window") if d.get("use_sliding_window", mt == "mistral") else None,
             )
         except KeyError as e:
-            raise PonderError(f"config.json lacks required field {e.args[0]!r}; is this a decoder checkpoint?") from None
+            raise PonderError(f"config.json lacks required field {e.args[0]!r}; "
+                              "is this a decoder checkpoint?") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         p = Path(path)
         try:
             d = json.loads(p.read_text())
@@ -138,7 +139,7 @@ class ModelConfig:
         return 4 * self.num_attention_heads * self.head_dim * context
 
 
-def rope_inv_freq(cfg: ModelConfig) -> "torch.Tensor":  # noqa: F821
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:  # noqa: F821
     """Inverse frequencies, with Llama 3.x ("llama3") and linear rope scaling applied as transformers does."""
     import torch
 

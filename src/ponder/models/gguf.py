@@ -88,7 +88,8 @@ def read_fields(reader: Any) -> dict[str, Any]:
         try:
             out[k] = f.contents()
         except Exception as e:  # noqa: BLE001 - the reader raises assorted errors on malformed fields
-            raise PonderError(f"GGUF metadata field {k!r} is corrupt ({e}); re-download or re-convert the file") from None
+            raise PonderError(f"GGUF metadata field {k!r} is corrupt ({e}); "
+                              "re-download or re-convert the file") from None
     return out
 
 

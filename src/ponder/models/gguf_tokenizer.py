@@ -17,9 +17,10 @@ The caller reads the file: ``fields = {k: f.contents() for k, f in gguf.GGUFRead
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..errors import PonderError
 from .tokenizer import Tokenizer
@@ -127,9 +128,8 @@ def _add_special(tok: Any, tokens: list[str], types: list[int]) -> None:
 
 
 def _build_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> tuple[Any, str]:
-    from tokenizers import Regex
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as _Tok
-    from tokenizers import decoders, models, pre_tokenizers, processors
 
     pre = fields.get("tokenizer.ggml.pre")
     pre = "default" if pre in (None, "") else str(pre)

@@ -106,10 +106,11 @@ class LlamaModel(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for integer positions of any shape, returned as (*positions.shape, 1, head_dim); see ``apply_rope``."""
+        """cos/sin for integer positions of any shape, returned as (*positions.shape, 1, head_dim); see
+        ``apply_rope``."""
         return rope_tables(positions.to(torch.float32)[..., None] * self.inv_freq, dtype)
 
-    def init_weights(self, seed: int = 0, std: float = 0.02) -> "LlamaModel":
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> LlamaModel:
         """GPT-2 style init with residual projections scaled by depth, so deep small models train stably."""
         g = torch.Generator().manual_seed(seed)
         resid_std = std / (2 * self.config.num_hidden_layers) ** 0.5

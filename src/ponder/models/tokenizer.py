@@ -21,7 +21,7 @@ class Tokenizer:
         self.path = p
 
     @classmethod
-    def from_object(cls, tok: object) -> "Tokenizer":
+    def from_object(cls, tok: object) -> Tokenizer:
         """Wrap a transformers fast tokenizer (``from_hf``), sharing its backend."""
         self = cls.__new__(cls)
         backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine.forward import Engine, Planner, StepContext
+from ..engine.forward import Engine, Planner, PlannerBase, StepContext
 from ..engine.generate import GenerationResult, SamplingConfig, generate
 from ..engine.plan import LayerPlan
 from ..engine.stats import Stats
@@ -63,7 +63,7 @@ class Policy:
         return {"policy": self.name, **self.params(), **self.flags()}
 
 
-class StaticPlanner:
+class StaticPlanner(PlannerBase):
     """The same plan for every step: per layer None (dense), or a whole-layer / whole-unit skip."""
 
     def __init__(self, plans: list[LayerPlan | None]):

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,6 +24,7 @@ from ..engine.forward import Engine, Planner
 from ..engine.stats import Stats
 from ..errors import PonderError
 from .base import Policy
+from .calibration import calibration_ids
 
 
 @dataclass
@@ -113,7 +115,7 @@ def bisect(fraction_at: Callable[[float], float], budget: float, cheap: float, d
     ``dear`` whose measured fraction is still <= budget, and that fraction; it stops early at a setting within
     ``tol`` under the budget (each halving is a forward over the calibration text: on a 30-layer model, seconds).
     Shared by every knob fit (decoder thresholds here, encoder keep ratios and thresholds in
-    ``policies.encoder.base``)."""
+    ``encoders.policies.base``)."""
     lo, hi, f_lo = cheap, dear, f_cheap
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -130,8 +132,6 @@ def bisect(fraction_at: Callable[[float], float], budget: float, cheap: float, d
 def shipped_calibration(engine: Engine) -> list[list[int]]:
     """The shipped calibration text (never the evaluation data) as token sequences; [] when it cannot serve this
     model (no tokenizer, no data/calib.txt, or a tokenizer that maps outside the model's vocabulary)."""
-    from ..eval.calibration import calibration_ids
-
     try:
         seqs = calibration_ids(engine)
     except FileNotFoundError:

@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..engine.forward import Engine, StepContext
+from ..engine.forward import Engine, PlannerBase, StepContext
 from ..engine.plan import LayerPlan
 from ..errors import PonderError
 from .budget import ThresholdPolicy
@@ -49,7 +49,7 @@ def check_kv_fill(kv_fill: str) -> str:
     return KV_FILL[kv_fill]
 
 
-class ExitPlanner:
+class ExitPlanner(PlannerBase):
     """Rows still running, per step; a subclass decides at check depths which of them leave before layer ``i``."""
 
     def __init__(self, engine: Engine, kv_fill: str):

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.forward import Engine, StepContext, saturation_sums
+from ..engine.forward import Engine, PlannerBase, StepContext, saturation_sums
 from ..engine.plan import LayerPlan
 from ..errors import PonderError
 from .base import layer_flops_share
@@ -33,7 +33,7 @@ from .budget import ThresholdPolicy
 from .registry import register
 
 
-class FFNSkipPlanner:
+class FFNSkipPlanner(PlannerBase):
     """Why the arithmetic looks hand-rolled: at batch 1 the check runs once per layer per token and each torch call
     costs microseconds, as much as the FFN it might save in a small model. So the squared norm of a layer's input is
     kept for the next layer's check, and a single-token step decides in Python from two numbers. Both paths compute

@@ -15,27 +15,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..engine.forward import Engine
 from ..engine.plan import LayerPlan
+from ..engine.states import layer_states
 from .base import Policy, StaticPlanner
 from .registry import register
 
 CALIB_SEQS = 8  # 8 x 256 tokens: ranks a 12-layer model in a few seconds on 2 CPU cores
 
 # engine -> {calibration key: per-layer loss increase}; one ranking serves every budget of a sweep
-_SCORES: "weakref.WeakKeyDictionary[Engine, dict[tuple, list[float]]]" = weakref.WeakKeyDictionary()
-
-
-class _Inputs:
-    """A planner that plans nothing (dense) and keeps each layer's incoming states."""
-
-    def __init__(self) -> None:
-        self.x: list[torch.Tensor] = []
-
-    def layer(self, i: int, x: torch.Tensor, ctx) -> None:
-        self.x.append(x.clone())
-        return None
+_SCORES: weakref.WeakKeyDictionary[Engine, dict[tuple, list[float]]] = weakref.WeakKeyDictionary()
 
 
 def _nll_sum(engine: Engine, ids: torch.Tensor, logits: torch.Tensor) -> float:
@@ -65,16 +56,17 @@ def layer_importance(engine: Engine, texts: list[list[int]]) -> list[float]:
                 for g in range(0, len(group), 4):
                     ids = torch.tensor(group[g:g + 4], device=engine.device)
                     B, T = ids.shape
-                    rec = _Inputs()
-                    base += _nll_sum(engine, ids, engine.forward(ids, None, rec, None, logits="all").logits)
+                    outs = layer_states(engine, ids)
+                    ins = [F.embedding(ids, engine.embed)] + outs[:-1]  # layer i's input
+                    base += _nll_sum(engine, ids, engine.logits(outs[-1]))
                     for i in range(L):
                         if i == L - 1:  # the last layer removed: its input goes straight to the head
-                            lg = engine.logits(rec.x[i])
+                            lg = engine.logits(ins[i])
                         else:
                             cache = engine.new_cache(B, T)
                             cache.reserve(T)
                             lg = engine.forward(ids, cache, None, None, logits="all", first_layer=i + 1,
-                                                hidden=rec.x[i]).logits
+                                                hidden=ins[i]).logits
                         drop[i] += _nll_sum(engine, ids, lg)
                     n += B * (T - 1)
         per[key] = [(d - base) / n for d in drop]

@@ -16,8 +16,9 @@ calibration text, stays within the budget. Skipped layers' KV slots follow ``kv_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.forward import Engine, StepContext
+from ..engine.forward import Engine, PlannerBase, StepContext
 from ..engine.plan import LayerPlan
 from ..engine.stats import Stats
 from .base import Policy
@@ -47,7 +47,7 @@ def uniform_hash_int(position: int, layer: int, seed: int) -> float:
 SMALL_STEP = 64  # up to this many tokens per step, draws are made in Python (decode); larger steps use tensors
 
 
-class RandomSkipPlanner:
+class RandomSkipPlanner(PlannerBase):
     def __init__(self, p: float, seed: int, n_layers: int):
         self.p, self.seed, self.L = p, seed, n_layers
         self._pos: list[int] | None = None

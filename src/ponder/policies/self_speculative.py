@@ -31,9 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from ..engine.forward import Engine, Planner
 from ..engine.generate import GenerationResult, SamplingConfig, generate
 from ..engine.speculative import DRAFTERS, SpecConfig, speculative_generate
+from ..engine.states import layer_states
 from ..engine.stats import Stats
 from ..errors import PonderError
 from .base import Policy
@@ -96,10 +99,6 @@ class SelfSpeculative(Policy):
     def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
         """Greedy acceptance rate per draft depth: the logit lens (top-1 at depth E equals the final top-1) on
         calibration text (up to ``CALIB_TOKENS`` tokens: a rate needs far fewer than a threshold fit)."""
-        import torch
-
-        from ..eval.lens import layer_states
-
         seqs = [s for s in texts if len(s) >= 2]
         if not seqs:
             return

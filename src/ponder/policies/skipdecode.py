@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.forward import Engine, Planner, StepContext
+from ..engine.forward import Engine, Planner, PlannerBase, StepContext
 from ..engine.generate import GenerationResult, SamplingConfig, generate
 from ..engine.plan import LayerPlan
 from ..engine.stats import Stats
@@ -69,7 +69,7 @@ def schedule(L: int, keep_first: int, budget: float, span: int) -> torch.Tensor:
     return counts(hi, nmax)
 
 
-class SkipDecodePlanner:
+class SkipDecodePlanner(PlannerBase):
     def __init__(self, engine: Engine, budget: float, keep_first: int, span: int | None):
         self.L = engine.cfg.num_hidden_layers
         self.ctx_len = engine.cfg.max_position_embeddings

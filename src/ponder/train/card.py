@@ -52,7 +52,8 @@ def build_card(model: Path, run: Path, corpus: Path, data: Path, out: Path) -> d
     card: dict = {"model": str(model), "config": json.loads((model / "config.json").read_text())}
     man = json.loads((corpus / "manifest.json").read_text())
     card["corpus"] = {"sha256": man["sha256"], "bytes": man["bytes"], "documents": man["documents"],
-                      "sources": {k: {kk: vv for kk, vv in v.items() if kk != "files"} for k, v in man["sources"].items()},
+                      "sources": {k: {kk: vv for kk, vv in v.items() if kk != "files"}
+                                  for k, v in man["sources"].items()},
                       "train_tokens": man["tokens"]["train_tokens"], "tokenizer_sha256": man.get("tokenizer_sha256")}
     st = json.loads((run / "checkpoint" / "state.json").read_text())
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
@@ -104,17 +105,21 @@ def render(c: dict) -> str:
         "end-to-end tests run offline; it is a test subject for adaptive depth, not a useful assistant.", "",
         "## Configuration", "",
         f"- {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, FFN {cfg['intermediate_size']} (SwiGLU), "
-        f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads (GQA), head dim {cfg['head_dim']}, "
+        f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads (GQA), "
+        f"head dim {cfg['head_dim']}, "
         f"context {cfg['max_position_embeddings']}, vocabulary {cfg['vocab_size']} (byte-level BPE), tied embeddings; "
         f"{n_params / 1e6:.1f}M parameters, stored in {cfg.get('torch_dtype', 'float32')}.",
-        "- Loads in ponder (`ponder.load('ref')`) and in transformers (`AutoModelForCausalLM.from_pretrained('models/ref')`).",
+        "- Loads in ponder (`ponder.load('ref')`) and in transformers "
+        "(`AutoModelForCausalLM.from_pretrained('models/ref')`).",
         "", "## Training", "",
         f"- Corpus: {c['corpus']['bytes']:,} bytes, {c['corpus']['documents']} documents, "
         f"{c['corpus']['train_tokens']:,} training tokens; sha256 `{c['corpus']['sha256']}`.",
-        f"- Sources: " + "; ".join(f"{k} ({v.get('bytes', 0):,} bytes)" for k, v in c["corpus"]["sources"].items()) + ".",
+        "- Sources: " + "; ".join(f"{k} ({v.get('bytes', 0):,} bytes)"
+                                  for k, v in c["corpus"]["sources"].items()) + ".",
         f"- {tr['steps']} steps, {tr['tokens_seen']:,} tokens seen, {tr['wall_time_s'] / 60:.0f} minutes on "
         f"{tr['machine']} (float32, torch.compile; this CPU has no bf16 units).",
-        f"- AdamW (lr {tr['recipe']['lr']}, cosine to {tr['recipe']['min_lr']}, warm-up {tr['recipe']['warmup_steps']}, "
+        f"- AdamW (lr {tr['recipe']['lr']}, cosine to {tr['recipe']['min_lr']}, "
+        f"warm-up {tr['recipe']['warmup_steps']}, "
         f"weight decay {tr['recipe']['weight_decay']}), batch {tr['recipe']['batch_size']} x {tr['recipe']['seq_len']} "
         f"tokens, seed {tr['recipe']['seed']}. Final train loss {tr['final_train_loss']:.3f}, validation loss "
         f"{tr['final_val_loss']} nats/token.", "", "![loss curve](loss.png)", "",

@@ -75,7 +75,7 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def _unit_hash(salt: str, name: str) -> float:
     """Map a name to [0, 1) stably across machines and Python versions (unlike ``hash``)."""
-    digest = hashlib.sha1(f"{salt}:{name}".encode("utf-8")).hexdigest()
+    digest = hashlib.sha1(f"{salt}:{name}".encode()).hexdigest()
     return int(digest[:12], 16) / float(1 << 48)
 
 

@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ class TrainConfig:
     export_dtype: str = "bfloat16"
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         p = Path(path)
         if not p.is_file():
             raise PonderError(f"training config {p} not found")
@@ -307,7 +307,8 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
         if rank == 0:
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{(tokens - tokens_before) / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(loss=f"{loss_sum:.3f}",
+                                tok_s=f"{(tokens - tokens_before) / (time.perf_counter() - t0):.0f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rec = {"step": done, "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(float(gn), 4),
                        "tokens": tokens, "elapsed_s": round(elapsed, 1)}
@@ -333,7 +334,8 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
         gathered = [torch.zeros_like(sums) for _ in range(world)]
         torch.distributed.all_gather(gathered, sums)
         if rank == 0:
-            (out / "ddp_check.json").write_text(json.dumps({"world": world, "checksums": [g.tolist() for g in gathered]}))
+            (out / "ddp_check.json").write_text(json.dumps({"world": world,
+                                                            "checksums": [g.tolist() for g in gathered]}))
     final = out / "final"
     if rank == 0:
         export_hf(model, cfg, final, data_dir / "tokenizer.json")

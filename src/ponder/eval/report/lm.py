@@ -20,7 +20,8 @@ DISPLAY_BUDGET = 0.75  # the token view shows each policy at the budget nearest 
 # ---- selecting rows ----------------------------------------------------------------------------------------------
 
 def select(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """The rows of the most recent settings (last one wins per point), and how many older-settings rows were left out."""
+    """The rows of the most recent settings (last one wins per point), and how many older-settings rows were left
+    out."""
     lm = [r for r in rows if r.get("task", "lm") == "lm" and r.get("status") != "error"]
     if not lm:
         return [], 0
@@ -49,7 +50,8 @@ def control_verdict(rows: list[dict[str, Any]]) -> tuple[str, str]:
     """(css class, text) for the A/A control."""
     c = next((r for r in rows if r.get("policy") == CONTROL), None)
     if c is None:
-        return "warn", "A/A control missing: no dense-against-dense timing in these results, so timing noise is unknown."
+        return "warn", ("A/A control missing: no dense-against-dense timing in these results, so timing noise is "
+                        "unknown.")
     parts = [f"{k.replace('_speedup', '').replace('_', ' ')} {c[k]:.3f}x" for k in sorted(c)
              if k.endswith("speedup") or (k.startswith("decode_speedup_b") and not k.endswith("range"))
              if isinstance(c.get(k), (int, float))]
@@ -171,7 +173,8 @@ def charts(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     cols, marks = svg.colours(names), svg.markers(names)
     qy = svg.Axis("perplexity increase over dense (log scale of ratio)", scale="ratio", percent=True)
     ctl = next((r for r in rows if r.get("policy") == CONTROL), None)
-    noise = (f"A/A control {ctl['decode_speedup']:.2f}x" if ctl and isinstance(ctl.get("decode_speedup"), float) else "")
+    noise = (f"A/A control {ctl['decode_speedup']:.2f}x" if ctl and isinstance(ctl.get("decode_speedup"), float)
+             else "")
     out = []
     bs = next((int(k.split("_b")[1]) for r in rows for k in r if k.startswith("decode_speedup_b")
                and not k.endswith("range")), None)
@@ -185,7 +188,8 @@ def charts(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     if bs:
         k = f"decode_speedup_b{bs}"
         s = _series(rows, k, "perplexity_delta", cols, marks, True)
-        ch = svg.Chart(f"Quality vs decode speed (batch {bs})", svg.Axis(f"decode speedup over dense at batch {bs} (x)"),
+        ch = svg.Chart(f"Quality vs decode speed (batch {bs})",
+                       svg.Axis(f"decode speedup over dense at batch {bs} (x)"),
                        qy, s, vlines=[(1.0, "dense")], frontier=_frontier(s, True))
         out.append((svg.render(ch), f"The same at batch {bs}: per-token skipping must still pay when rows of a "
                     "batch disagree about which layers to run."))
@@ -302,7 +306,8 @@ def headline_cols(bs: int | None) -> list[Column]:
     ]
     if bs:
         cols.append(Column(f"decode b{bs}", _spd(f"decode_speedup_b{bs}")))
-    cols += [Column("grounded b1", lambda r: fx(r.get("decode_speedup_grounded"), r.get("decode_speedup_grounded_range"))
+    cols += [Column("grounded b1",
+                    lambda r: fx(r.get("decode_speedup_grounded"), r.get("decode_speedup_grounded_range"))
                     if r.get("decode_speedup_grounded") is not None else "",
                     "lossless rows: decode speedup at batch 1 on the input-grounded chat prompts"),
              Column("prefill", _spd("prefill_speedup")),
@@ -402,7 +407,8 @@ SETTING_NAMES = {"data": "evaluation text", "prose": "prose text", "ppl_tokens":
                  "prose_tokens": "prose tokens", "kl_tokens": "KL / top-1 tokens", "prompts": "greedy prompts",
                  "prompt_tokens": "prompt tokens", "new_tokens": "new tokens per prompt", "probes": "probes",
                  "prefill_tokens": "prefill tokens", "timing_tokens": "tokens per timed decode",
-                 "calib_tokens": "calibration tokens", "decode_batch": "second decode batch", "warmup": "warm-up rounds",
+                 "calib_tokens": "calibration tokens", "decode_batch": "second decode batch",
+                 "warmup": "warm-up rounds",
                  "repeats": "timed rounds (at least)", "min_timed_s": "seconds timed per side (at least)"}
 
 
@@ -524,7 +530,8 @@ def build(all_rows: list[dict[str, Any]]) -> tuple[str, str]:
     if older:
         md += [f"{older} row(s) measured with other settings are in the results file and left out of this report.", ""]
     if errs:
-        md += ["Not measured: " + "; ".join(f"{r['policy']} @ {r['budget']:g} ({r.get('error', '')})" for r in errs), ""]
+        md += ["Not measured: " + "; ".join(f"{r['policy']} @ {r['budget']:g} ({r.get('error', '')})"
+                                            for r in errs), ""]
     if sims:
         md += [f"Simulated (real=false, no speedup shown): {', '.join(sims)}.", ""]
     md += ["## Results", "", "Sorted by quality (perplexity change on held-out code, best first).", "",

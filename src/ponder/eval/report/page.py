@@ -7,9 +7,10 @@ by any task's report (``Column`` + ``table_html`` / ``table_md`` + ``html_page``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .svg import SVG_CSS
 
@@ -77,7 +78,8 @@ def table_html(rows: list[dict[str, Any]], cols: list[Column], cls: str = "",
         h.append(f'<tr class="{rc}">' if rc else "<tr>")
         for c in cols:
             v = c.get(r)
-            h.append(f'<td style="text-align:{c.align}">{v if isinstance(v, Markup) else escape("" if v is None else str(v))}</td>')
+            h.append(f'<td style="text-align:{c.align}">'
+                     f'{v if isinstance(v, Markup) else escape("" if v is None else str(v))}</td>')
         h.append("</tr>")
     h.append("</tbody></table>")
     return "".join(h)
@@ -98,7 +100,8 @@ def _md_cell(v: Any) -> str:
 
 def table_md(rows: list[dict[str, Any]], cols: list[Column]) -> str:
     out = ["| " + " | ".join(c.header for c in cols) + " |",
-           "|" + "|".join("---:" if c.align == "right" else ":---:" if c.align == "center" else "---" for c in cols) + "|"]
+           "|" + "|".join("---:" if c.align == "right" else ":---:" if c.align == "center" else "---"
+                          for c in cols) + "|"]
     for r in rows:
         out.append("| " + " | ".join(_md_cell(c.get(r)) for c in cols) + " |")
     return "\n".join(out)
@@ -165,3 +168,19 @@ def env_html(env: dict[str, Any]) -> str:
 
 def env_md(env: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: `{v}`" for k, v in env.items() if v not in (None, [], {}))
+
+
+def md_headline(md: str) -> str:
+    """The verdict line and the main table of report.md, for the terminal."""
+    lines = md.splitlines()
+    out, on = [], False
+    for ln in lines:
+        if ln.startswith("## Results"):
+            on = True
+            continue
+        if on and ln.startswith("## "):
+            break
+        if on:
+            out.append(ln)
+    verdict = [ln for ln in lines if ln.startswith("**A/A control")]
+    return "\n".join(verdict + [""] + [ln for ln in out if ln.strip() or out]).strip()

@@ -7,9 +7,9 @@ or build it), prints sharply, and lets every point carry a tooltip with its exac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import Callable, Sequence
 
 # Okabe-Ito, a palette that colour-blind readers can tell apart; dense is always black.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#882255", "#44AA99", "#999933",
@@ -165,10 +165,12 @@ def _marker(kind: str, cx: float, cy: float, r: float, fill: str, stroke: str) -
         return f'<rect x="{cx - r:.1f}" y="{cy - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}" {a}/>'
     if kind in ("triangle", "down"):
         s = -1 if kind == "triangle" else 1
-        pts = f"{cx:.1f},{cy + s * r * 1.2:.1f} {cx - r * 1.1:.1f},{cy - s * r * 0.8:.1f} {cx + r * 1.1:.1f},{cy - s * r * 0.8:.1f}"
+        pts = (f"{cx:.1f},{cy + s * r * 1.2:.1f} {cx - r * 1.1:.1f},{cy - s * r * 0.8:.1f} "
+               f"{cx + r * 1.1:.1f},{cy - s * r * 0.8:.1f}")
         return f'<polygon points="{pts}" {a}/>'
     if kind == "diamond":
-        pts = f"{cx:.1f},{cy - r * 1.3:.1f} {cx + r * 1.1:.1f},{cy:.1f} {cx:.1f},{cy + r * 1.3:.1f} {cx - r * 1.1:.1f},{cy:.1f}"
+        pts = (f"{cx:.1f},{cy - r * 1.3:.1f} {cx + r * 1.1:.1f},{cy:.1f} "
+               f"{cx:.1f},{cy + r * 1.3:.1f} {cx - r * 1.1:.1f},{cy:.1f}")
         return f'<polygon points="{pts}" {a}/>'
     if kind == "star":
         pts = []
@@ -188,7 +190,8 @@ def render(ch: Chart) -> str:
     ml, mr, mt, mb = 64, 16 + legend_w, 34, 52
     pw, ph = W - ml - mr, H - mt - mb
     xs = [p.x for s in ch.series for p in s.points] + [v for v, _ in ch.vlines]
-    xs += [p.x + (p.xerr or 0) for s in ch.series for p in s.points] + [p.x - (p.xerr or 0) for s in ch.series for p in s.points]
+    xs += ([p.x + (p.xerr or 0) for s in ch.series for p in s.points]
+           + [p.x - (p.xerr or 0) for s in ch.series for p in s.points])
     ys = [p.y for s in ch.series for p in s.points] + [v for v, _ in ch.hlines]
     if ch.diagonal and xs and ys:
         both = [v for v in xs + ys if v is not None]
@@ -217,7 +220,8 @@ def render(ch: Chart) -> str:
         px = X(v)
         if ml - 0.5 <= px <= ml + pw + 0.5:
             o.append(f'<line x1="{px:.1f}" y1="{mt}" x2="{px:.1f}" y2="{mt + ph}" class="grid"/>')
-            o.append(f'<text x="{px:.1f}" y="{mt + ph + 16}" class="tk" text-anchor="middle">{escape(_fmt(v, ch.x))}</text>')
+            o.append(f'<text x="{px:.1f}" y="{mt + ph + 16}" class="tk" text-anchor="middle">'
+                     f'{escape(_fmt(v, ch.x))}</text>')
     for v in yt:
         py = Y(v)
         if mt - 0.5 <= py <= mt + ph + 0.5:
@@ -244,7 +248,8 @@ def render(ch: Chart) -> str:
             inv = (lambda t: t) if ch.x.scale == "linear" else (lambda t: 10 ** t)
             a, b = inv(lo), inv(hi)
             o.append(f'<line x1="{X(a):.1f}" y1="{Y(a):.1f}" x2="{X(b):.1f}" y2="{Y(b):.1f}" class="ref"/>')
-            o.append(f'<text x="{X(b) - 4:.1f}" y="{Y(b) + 14:.1f}" class="rl" text-anchor="end">measured = predicted</text>')
+            o.append(f'<text x="{X(b) - 4:.1f}" y="{Y(b) + 14:.1f}" class="rl" text-anchor="end">'
+                     'measured = predicted</text>')
     if ch.frontier and len(ch.frontier) > 1:
         pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in ch.frontier)
         o.append(f'<polyline points="{pts}" fill="none" stroke="#bbbbbb" stroke-width="7" stroke-linejoin="round" '
@@ -279,12 +284,14 @@ def render(ch: Chart) -> str:
             seen.append(s.name)
             yy = ly + 18 * (len(seen) - 1)
             if s.line:
-                o.append(f'<line x1="{lx}" y1="{yy + 5}" x2="{lx + 22}" y2="{yy + 5}" stroke="{s.colour}" stroke-width="1.6"/>')
+                o.append(f'<line x1="{lx}" y1="{yy + 5}" x2="{lx + 22}" y2="{yy + 5}" stroke="{s.colour}" '
+                         'stroke-width="1.6"/>')
             o.append(_marker(s.marker, lx + 11, yy + 5, 4, "#ffffff" if s.hollow else s.colour, s.colour))
             o.append(f'<text x="{lx + 28}" y="{yy + 9}" class="lg">{escape(s.name)}</text>')
         if ch.frontier and len(ch.frontier) > 1:
             yy = ly + 18 * len(seen)
-            o.append(f'<line x1="{lx}" y1="{yy + 5}" x2="{lx + 22}" y2="{yy + 5}" stroke="#bbbbbb" stroke-width="7" opacity="0.55"/>')
+            o.append(f'<line x1="{lx}" y1="{yy + 5}" x2="{lx + 22}" y2="{yy + 5}" stroke="#bbbbbb" '
+                     'stroke-width="7" opacity="0.55"/>')
             o.append(f'<text x="{lx + 28}" y="{yy + 9}" class="lg">Pareto frontier</text>')
     if ch.note:
         o.append(f'<text x="{ml + pw}" y="20" class="nt" text-anchor="end">{escape(ch.note)}</text>')

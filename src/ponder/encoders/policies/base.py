@@ -13,13 +13,18 @@ and is True by convention; ``batch_compatible`` means a text embedded in a padde
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..base import Policy
+from ...errors import PonderError
+from ...policies.base import Policy
+from ...policies.budget import bisect
+from ..engine import EncoderStats
+from ..run import calibration_seqs, encode_ids
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ...encoders.engine import EncoderEngine, Reducer
+    from ..engine import EncoderEngine, Reducer
 
 
 FIT_TEXTS = 64  # calibration texts per bisection step (the FLOPs fraction is an average: 64 texts pin it to ~1 %)
@@ -32,7 +37,7 @@ class EncoderPolicy(Policy):
     knob_name: ClassVar[str] = ""  # the dataclass field the budget is fitted into (None until fitted)
     knob_range: ClassVar[tuple[float, float, bool, int] | None] = None  # (lo, hi, cheaper_when_low, iterations)
 
-    def calibrate(self, engine: "EncoderEngine", seqs: list[list[int]]) -> None:  # type: ignore[override]
+    def calibrate(self, engine: EncoderEngine, seqs: list[list[int]]) -> None:  # type: ignore[override]
         """Fit the knob to the budget on calibration token sequences (never the evaluation texts). A knob given
         explicitly is kept as is."""
         if self.knob_range is None or self.budget >= 1.0 or getattr(self, self.knob_name) is not None:
@@ -44,12 +49,10 @@ class EncoderPolicy(Policy):
         """The fitted (or given) knob; None at budget 1 without one (dense). Raises when fitting was skipped."""
         v = getattr(self, self.knob_name)
         if v is None and self.budget < 1.0:
-            from ...errors import PonderError
-
             raise PonderError(f"{self.name} is not calibrated; call calibrate() first (ponder.embed does it)")
         return v
 
-    def reducer(self, engine: "EncoderEngine") -> "Reducer | None":
+    def reducer(self, engine: EncoderEngine) -> Reducer | None:
         """A fresh reducer for one batch; None runs the dense path."""
         return None
 
@@ -60,36 +63,27 @@ class EncoderPolicy(Policy):
             d["calibration"] = cal
         return d
 
-    def linear_maps(self, engine: "EncoderEngine") -> dict:
+    def linear_maps(self, engine: EncoderEngine) -> dict:
         """The engine's affine maps from layer-l states to last-layer states, fitted on the calibration split."""
-        from ...encoders.api import calibration_seqs
-
         cached = getattr(self, "_maps", None)
         if cached is None or cached[0] is not engine:
             self._maps = (engine, engine.extrapolators(calibration_seqs(engine)))
         return self._maps[1]
 
     # ---- shared by the knob-fitting policies --------------------------------------------------------------------
-    def measure(self, engine: "EncoderEngine", seqs: list[list[int]]) -> float:
+    def measure(self, engine: EncoderEngine, seqs: list[list[int]]) -> float:
         """FLOPs fraction this policy, as currently set, spends on ``seqs`` (batched as the bench batches)."""
-        from ...encoders.api import encode_ids
-        from ...encoders.engine import EncoderStats
-
         st = EncoderStats(engine.cfg)
         encode_ids(engine, seqs, self, 32, st)
         return st.flops_fraction
 
-    def fit(self, engine: "EncoderEngine", seqs: list[list[int]], set_knob: Callable[[float], None],
+    def fit(self, engine: EncoderEngine, seqs: list[list[int]], set_knob: Callable[[float], None],
             lo: float, hi: float, cheaper_when_low: bool, iters: int = 9) -> None:
         """Bisection for the knob value that spends at most ``budget`` (as close to it as the knob allows).
         ``cheaper_when_low``: a lower knob value means less work (keep ratios, thresholds)."""
         if not seqs:
-            from ...errors import PonderError
-
             raise PonderError("the encoder calibration split (data/retrieval/calib.jsonl) is missing; reinstall "
                               "ponder from its repository")
-        from ..budget import bisect
-
         seqs = seqs[:FIT_TEXTS]
         target = self.budget
         cheap, rich = (lo, hi) if cheaper_when_low else (hi, lo)

@@ -26,10 +26,10 @@ from typing import ClassVar
 
 import torch
 
-from ...encoders.engine import ReducerBase
-from ...encoders.reduce import keep_top
 from ...errors import PonderError
-from .base import EncoderPolicy, layer_tuple, geometric_keep
+from ..engine import ReducerBase
+from ..reduce import keep_top
+from .base import EncoderPolicy, geometric_keep, layer_tuple
 from .registry import register
 
 SCORES = ("attn", "cls", "norm")

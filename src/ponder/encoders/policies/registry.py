@@ -35,6 +35,6 @@ def policy_class(name: str) -> type[EncoderPolicy]:
 
 
 def get(name: str, budget: float = 1.0, **kw: Any) -> EncoderPolicy:
-    from ..spec import build
+    from ...policies.spec import build
 
     return build(policy_class(name), name, budget, kw)

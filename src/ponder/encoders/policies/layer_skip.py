@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from ...encoders.engine import ReducerBase
 from ...errors import PonderError
+from ..engine import ReducerBase
+from ..run import encode_ids
 from .base import EncoderPolicy, layer_tuple
 from .registry import register
 
@@ -42,8 +43,6 @@ class LayerSkip(EncoderPolicy):
             return
         if not seqs:
             raise PonderError("the encoder calibration split (data/retrieval/calib.jsonl) is missing")
-        from ...encoders.api import encode_ids
-
         seqs = seqs[:48]
         ref = encode_ids(engine, seqs)
         chosen: list[int] = []

@@ -1,4 +1,5 @@
-"""Calibration text for policies that fit thresholds or choose layers.
+"""Calibration text for policies that fit thresholds or choose layers (here, beside them: policies never import
+evaluation code; the bench and the CLI take it from here).
 
 Shipped with ponder (``data/calib.txt``: validation documents of the training corpus). Never the evaluation data:
 fitting on the text you report would flatter every policy.

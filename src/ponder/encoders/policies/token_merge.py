@@ -19,9 +19,9 @@ from typing import ClassVar
 
 import torch
 
-from ...encoders.engine import ReducerBase
-from ...encoders.reduce import bipartite_soft_matching, merge_wavg
 from ...errors import PonderError
+from ..engine import ReducerBase
+from ..reduce import bipartite_soft_matching, merge_wavg
 from .base import EncoderPolicy, layer_tuple
 from .registry import register
 

@@ -19,8 +19,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...encoders.engine import ReducerBase
 from ...errors import PonderError
+from ..engine import ReducerBase
 from .base import EncoderPolicy
 from .registry import register
 
