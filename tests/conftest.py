@@ -77,3 +77,27 @@ def tiny_folder(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+# ---- shared by the policy tests (tests/policies/) -----------------------------------------------------------------
+# Token-id calibration sequences for the tiny models (tests never need data/calib.txt), and the tolerance for
+# "equals dense" between two float32 paths that sum in different orders.
+CALIB = torch.randint(3, 97, (6, 40), generator=torch.Generator().manual_seed(21)).tolist()
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def eng(tiny_folder):
+    """The tiny random 8-layer Llama every policy test runs on."""
+    import ponder.api as api
+
+    return api.load(tiny_folder("llama", layers=8)[0])
+
+
+def score_stats(eng, pol, ids):
+    """Logits of a scoring pass under ``pol`` and the engine's counters of what ran."""
+    from ponder.engine import Stats
+
+    st = Stats(eng.cfg)
+    out = eng.forward(ids, planner=pol.planner(eng), stats=st, phase="score").logits
+    return out, st

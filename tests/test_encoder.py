@@ -184,10 +184,10 @@ def test_calibration_meets_budget(bert):
             eng.encode(seqs[s:s + 32], pol.reducer(eng), st)
         assert st.flops_fraction <= 0.85 + 1e-6, (name, st.flops_fraction)
         assert st.flops_fraction > 0.4, (name, st.flops_fraction)  # not absurdly far below either
-    # a budget the knob cannot reach is reported, not silently exceeded
+    # a budget the knob cannot reach is refused with the reachable minimum, as the decoder policies refuse it
     pol = registry.get("token-exit", 0.2)
-    pol.calibrate(eng, seqs)
-    assert pol.calibration["reached"] is False
+    with pytest.raises(PonderError, match=r"token-exit cannot reach budget 0.2 on this model: its minimum reachable"):
+        pol.calibrate(eng, seqs)
 
 
 def test_prune_keeps_specials_and_freezes(bert):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import PonderError
 from ..models.bert import load_encoder_folder
+from ..policies.base import per_engine
 from .engine import EncoderEngine, EncoderStats
 from .policies import registry
 from .policies.base import EncoderPolicy
@@ -62,9 +63,6 @@ def load_encoder(model: str | Path | EncoderEngine = "minilm", dtype: str | None
     return _ENGINES[key]
 
 
-_POLICIES: dict[tuple, EncoderPolicy] = {}
-
-
 def get_policy(engine: EncoderEngine, policy: str | EncoderPolicy | None, budget: float = 1.0,
                **kw: Any) -> EncoderPolicy | None:
     """A calibrated encoder policy (calibration runs on the shipped calibration split, never the bench data);
@@ -73,12 +71,13 @@ def get_policy(engine: EncoderEngine, policy: str | EncoderPolicy | None, budget
         return None
     if not isinstance(policy, str):
         return policy
-    key = (id(engine), policy, float(budget), json.dumps(kw, sort_keys=True, default=str))
-    if key not in _POLICIES:
+    def make() -> EncoderPolicy:
         pol = registry.get(policy, budget, **kw)
         pol.calibrate(engine, calibration_seqs(engine))
-        _POLICIES[key] = pol
-    return _POLICIES[key]
+        return pol
+
+    return per_engine(engine, ("encoder-policy", policy, float(budget), json.dumps(kw, sort_keys=True, default=str)),
+                      make)
 
 
 def embed(texts: str | Sequence[str], model: str | Path | EncoderEngine = "minilm",

@@ -270,9 +270,10 @@ class EmbedBench:
             bar.set_postfix_str(f"{spec}@{b:g}")
             try:
                 self.out.append(self.policy_row(spec, b))
-                written += 1
-            except PonderError as e:
-                failed.append(f"{spec}@{b:g}: {e}")
+            except PonderError as e:  # the policy refuses this point (an unreachable budget): record why, as lm does
+                self.out.append({**self.base_row(spec, b), "status": "error", "error": str(e)})
+                bar.write(f"ponder: note: {spec}@{b:g} not measured: {e}")
+            written += 1
             bar.update()
         bar.close()
         report: list[str] = []

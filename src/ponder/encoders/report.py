@@ -35,7 +35,7 @@ def _tps(r: dict[str, Any], tag: str) -> str:
 
 def _knob(r: dict[str, Any]) -> str:
     c = r.get("calibration") or {}
-    return ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("reached",))
+    return ", ".join(f"{k}={v}" for k, v in c.items())
 
 
 COLUMNS = [
@@ -182,12 +182,16 @@ def build_sections(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str
     seen: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         seen[(r["policy"], r["budget"], r.get("settings"))] = r
-    rows = list(seen.values())
+    errs = [r for r in seen.values() if r.get("status") == "error"]
+    rows = [r for r in seen.values() if r.get("status") != "error"]
     model = rows[0].get("model", "?") if rows else "?"
     order = {"dense": 0, CONTROL: 1}
     table_rows = sorted((r for r in rows if r["policy"] != CONTROL),
                         key=lambda r: (order.get(r["policy"], 2), r["policy"], -r["budget"]))
     ver = verdicts(rows)
+    if errs:
+        ver.append(("warn", "Not measured: " + "; ".join(f"{r['policy']} @ {r['budget']:g} ({r.get('error', '')})"
+                                                         for r in errs)))
     vhtml = "".join(f'<div class="verdict {c}">{escape(t)}</div>' for c, t in ver)
     dense = next((r for r in rows if r["policy"] == "dense"), {})
     info = (f"<p class=\"small\">{dense.get('passages', '?')} passages (mean {dense.get('mean_passage_tokens', 0):.0f} "

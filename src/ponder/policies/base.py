@@ -7,8 +7,10 @@ A policy that changes *how* tokens are generated (speculative decoding) override
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -61,6 +63,45 @@ class Policy:
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, **self.params(), **self.flags()}
+
+
+T = TypeVar("T")
+# engine -> {key: result}: what calibration computed for that engine (a layer ranking, acceptance rates, fitted
+# maps), dropped with the engine. Keys name the method, its parameters and the calibration text (``text_key``).
+_PER_ENGINE: weakref.WeakKeyDictionary[Any, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+
+
+def per_engine(engine: Any, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()`` once per engine and key; every budget of a sweep then shares it."""
+    got = _PER_ENGINE.setdefault(engine, {})
+    if key not in got:
+        got[key] = compute()
+    return got[key]
+
+
+def text_key(texts: list[list[int]]) -> tuple[int, int]:
+    """A key for calibration token sequences: their count and a hash of their contents."""
+    return len(texts), hash(tuple(tuple(t) for t in texts))
+
+
+@dataclass
+class Calibrated(Policy):
+    """A policy that fits something on calibration text for one engine. ``calibration`` holds what was fitted (it is
+    reported); ``fitted_for(engine)`` says whether it was fitted for this engine (a weak reference: a policy never
+    keeps an engine alive), so a policy used on a second engine refits instead of reusing another model's fit."""
+
+    calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in super().params().items() if k != "calibration"}
+
+    def fitted(self, engine: Engine, result: dict[str, Any]) -> None:
+        self.calibration = result
+        self._fit_engine = weakref.ref(engine)
+
+    def fitted_for(self, engine: Engine) -> bool:
+        ref = getattr(self, "_fit_engine", None)
+        return ref is not None and ref() is engine
 
 
 class StaticPlanner(PlannerBase):

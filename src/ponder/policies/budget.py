@@ -23,7 +23,7 @@ import torch
 from ..engine.forward import Engine, Planner
 from ..engine.stats import Stats
 from ..errors import PonderError
-from .base import Policy
+from .base import Calibrated
 from .calibration import calibration_ids
 
 
@@ -151,13 +151,12 @@ def default_calibration(engine: Engine) -> list[list[int]]:
 
 
 @dataclass
-class ThresholdPolicy(Policy):
+class ThresholdPolicy(Calibrated):
     """A policy steered by one threshold: given explicitly, or fitted to the budget on calibration text.
 
     Subclasses set ``cheap`` / ``dear`` (the thresholds of least and most compute) and build planners."""
 
     threshold: float | None = None  # None: fitted to the budget by calibrate
-    calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     cheap: ClassVar[float] = 0.0
     dear: ClassVar[float] = 1.0 + 1e-6
@@ -167,9 +166,6 @@ class ThresholdPolicy(Policy):
 
     def _precheck(self, engine: Engine) -> None:
         """Refuse a budget known to be unreachable before spending calibration time."""
-
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().params().items() if k != "calibration"}
 
     def describe(self) -> dict[str, Any]:
         """With the fitted threshold: a ``threshold: null`` in a run's output would hide what actually ran."""
@@ -185,13 +181,13 @@ class ThresholdPolicy(Policy):
         self._precheck(engine)
         frac = lambda t: measure(engine, lambda: self._planner(engine, t), texts, per_sample=False).fraction
         thr, f = fit_threshold(frac, self.budget, self.cheap, self.dear, what=self.name)
-        self.calibration = {"threshold": thr, "calibration_fraction": f, "engine": id(engine)}
+        self.fitted(engine, {"threshold": thr, "calibration_fraction": f})
 
     def planner(self, engine: Engine) -> Planner | None:
         if self.threshold is not None:
             return self._planner(engine, self.threshold)
         if self.budget >= 1.0:
             return None
-        if self.calibration.get("engine") != id(engine):
+        if not self.fitted_for(engine):
             self.calibrate(engine, default_calibration(engine))
         return self._planner(engine, self.calibration["threshold"])

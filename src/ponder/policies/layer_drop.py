@@ -10,7 +10,6 @@ important ones are dropped until the executed fraction is at most the budget. A 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -20,13 +19,11 @@ import torch.nn.functional as F
 from ..engine.forward import Engine
 from ..engine.plan import LayerPlan
 from ..engine.states import layer_states
-from .base import Policy, StaticPlanner
+from .base import Policy, StaticPlanner, per_engine, text_key
 from .registry import register
 
 CALIB_SEQS = 8  # 8 x 256 tokens: ranks a 12-layer model in a few seconds on 2 CPU cores
 
-# engine -> {calibration key: per-layer loss increase}; one ranking serves every budget of a sweep
-_SCORES: weakref.WeakKeyDictionary[Engine, dict[tuple, list[float]]] = weakref.WeakKeyDictionary()
 
 
 def _nll_sum(engine: Engine, ids: torch.Tensor, logits: torch.Tensor) -> float:
@@ -44,9 +41,8 @@ def layer_importance(engine: Engine, texts: list[list[int]]) -> list[float]:
     L = engine.cfg.num_hidden_layers
     if not seqs:
         return [0.0] * L
-    key = (len(seqs), hash(tuple(tuple(t) for t in seqs)))
-    per = _SCORES.setdefault(engine, {})
-    if key not in per:
+
+    def rank() -> list[float]:
         base, drop, n = 0.0, [0.0] * L, 0
         by_len: dict[int, list[list[int]]] = {}
         for t in seqs:
@@ -69,8 +65,9 @@ def layer_importance(engine: Engine, texts: list[list[int]]) -> list[float]:
                                                 hidden=ins[i]).logits
                         drop[i] += _nll_sum(engine, ids, lg)
                     n += B * (T - 1)
-        per[key] = [(d - base) / n for d in drop]
-    return list(per[key])
+        return [(d - base) / n for d in drop]
+
+    return list(per_engine(engine, ("layer-drop", text_key(seqs)), rank))
 
 
 @register

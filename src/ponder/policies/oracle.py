@@ -17,15 +17,15 @@ calibration text, stays within the budget. Skipped layers' KV slots follow ``kv_
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..engine.cache import KVCache
 from ..engine.forward import Engine, Planner, StepContext
 from ..errors import PonderError
-from .base import Policy
+from .base import Calibrated
 from .budget import default_calibration, measure
 from .early_exit import ExitPlanner, check_kv_fill
 from .registry import register
@@ -71,7 +71,7 @@ def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
 
 @register
 @dataclass
-class Oracle(Policy):
+class Oracle(Calibrated):
     """Upper bound: exit at the first layer whose top-1 equals dense (needs the dense answer; not real)."""
 
     name: ClassVar[str] = "oracle"
@@ -79,14 +79,10 @@ class Oracle(Policy):
     kv_fill: str = "state"
     floor: int | None = None  # None (with cap None): both fitted to the budget by calibrate
     cap: int | None = None
-    calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_kv_fill(self.kv_fill)
-
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().params().items() if k != "calibration"}
 
     def _planner(self, engine: Engine, floor: int, cap: int) -> OraclePlanner:
         L = engine.cfg.num_hidden_layers
@@ -114,8 +110,8 @@ class Oracle(Policy):
                 raise PonderError(f"oracle cannot reach budget {self.budget:g}: every token runs at least one layer, "
                                   f"so its minimum reachable budget is {low:.3f}; use a larger --budget")
             floor, cap = 1, _largest(lambda c: frac(1, c) <= self.budget, 1, L)
-        self.calibration = {"floor": floor, "cap": cap, "natural_fraction": natural,
-                            "calibration_fraction": frac(floor, cap), "engine": id(engine)}
+        self.fitted(engine, {"floor": floor, "cap": cap, "natural_fraction": natural,
+                             "calibration_fraction": frac(floor, cap)})
 
     def planner(self, engine: Engine) -> Planner | None:
         L = engine.cfg.num_hidden_layers
@@ -123,6 +119,6 @@ class Oracle(Policy):
             return self._planner(engine, self.floor or 1, self.cap or L)
         if self.budget >= 1.0:
             return None
-        if self.calibration.get("engine") != id(engine):
+        if not self.fitted_for(engine):
             self.calibrate(engine, default_calibration(engine))
         return self._planner(engine, self.calibration["floor"], self.calibration["cap"])

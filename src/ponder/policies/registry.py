@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from pathlib import Path
 from typing import Any
 
 from ..errors import PonderError
@@ -10,9 +12,14 @@ from .base import Policy
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
-# Modules that define policies; imported lazily so `import ponder` stays fast.
-_MODULES = ("dense", "random_skip", "layer_drop", "unified_skip", "ffn_skip", "skipdecode", "early_exit",
-            "self_speculative", "oracle")
+# Modules of this package that are machinery, not methods; every other module is imported (on first use, so
+# `import ponder.policies` stays fast) and registers the policies it defines: a new method is one new file.
+_MACHINERY = {"base", "budget", "calibration", "registry", "spec"}
+
+
+def _modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                  if not m.ispkg and m.name not in _MACHINERY and not m.name.startswith("_"))
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -21,12 +28,8 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 
 def _load_all() -> None:
-    for m in _MODULES:
-        try:
-            importlib.import_module(f"{__package__}.{m}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{m}":
-                raise
+    for m in _modules():
+        importlib.import_module(f"{__package__}.{m}")
 
 
 def names() -> list[str]:

@@ -28,8 +28,8 @@ batch's smallest accepted count); the target is batch 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -39,7 +39,7 @@ from ..engine.speculative import DRAFTERS, SpecConfig, speculative_generate
 from ..engine.states import layer_states
 from ..engine.stats import Stats
 from ..errors import PonderError
-from .base import Policy
+from .base import Calibrated
 from .budget import shipped_calibration
 from .registry import register
 
@@ -71,7 +71,7 @@ def best_plan(L: int, alphas: dict[int, float], max_draft: int) -> tuple[int, in
 
 @register
 @dataclass
-class SelfSpeculative(Policy):
+class SelfSpeculative(Calibrated):
     """Draft with the first layers + shared head, verify in one pass of the rest; greedy output = dense."""
 
     name: ClassVar[str] = "self-speculative"
@@ -81,7 +81,6 @@ class SelfSpeculative(Policy):
     max_draft: int = 12
     adaptive: bool = True
     drafter: str = "layers"  # "layers" (LayerSkip) | "lookup" (context n-grams) | "lookup+layers"
-    calibration: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,14 +92,12 @@ class SelfSpeculative(Policy):
             raise PonderError("self-speculative with drafter=lookup drafts from the context, not from layers: it has "
                               "no budget to set; use budget 1 (or drafter=lookup+layers)")
 
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().params().items() if k != "calibration"}
-
     def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
         """Greedy acceptance rate per draft depth: the logit lens (top-1 at depth E equals the final top-1) on
         calibration text (up to ``CALIB_TOKENS`` tokens: a rate needs far fewer than a threshold fit)."""
         seqs = [s for s in texts if len(s) >= 2]
         if not seqs:
+            self.fitted(engine, {"alphas": {}})
             return
         n = min(len(s) for s in seqs)
         seqs = [s[:n] for s in seqs][:max(1, CALIB_TOKENS // n)]
@@ -113,7 +110,7 @@ class SelfSpeculative(Policy):
                 for layer, h in enumerate(outs[:-1]):
                     agree[layer] += (engine.logits(h).argmax(-1) == final).sum().cpu()
         total = len(seqs) * n
-        self.calibration = {"alphas": {i + 1: float(agree[i]) / total for i in range(L - 1)}, "engine": id(engine)}
+        self.fitted(engine, {"alphas": {i + 1: float(agree[i]) / total for i in range(L - 1)}})
 
     def _exit_layer(self, engine: Engine) -> int:
         L = engine.cfg.num_hidden_layers
@@ -129,8 +126,7 @@ class SelfSpeculative(Policy):
         return best_plan(L, alphas, self.max_draft)[0] if alphas else max(1, L // 2)
 
     def _alphas(self, engine: Engine) -> dict[int, float]:
-        if self.calibration.get("engine") != id(engine):
-            self.calibration = {"alphas": {}, "engine": id(engine)}
+        if not self.fitted_for(engine):
             self.calibrate(engine, shipped_calibration(engine))
         return self.calibration["alphas"]
 

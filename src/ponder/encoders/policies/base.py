@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import PonderError
-from ...policies.base import Policy
-from ...policies.budget import bisect
+from ...policies.base import Policy, per_engine, text_key
+from ...policies.budget import fit_threshold
 from ..engine import EncoderStats
 from ..run import calibration_seqs, encode_ids
 
@@ -65,10 +65,8 @@ class EncoderPolicy(Policy):
 
     def linear_maps(self, engine: EncoderEngine) -> dict:
         """The engine's affine maps from layer-l states to last-layer states, fitted on the calibration split."""
-        cached = getattr(self, "_maps", None)
-        if cached is None or cached[0] is not engine:
-            self._maps = (engine, engine.extrapolators(calibration_seqs(engine)))
-        return self._maps[1]
+        seqs = calibration_seqs(engine)
+        return per_engine(engine, ("encoder-linear-maps", text_key(seqs)), lambda: engine.extrapolators(seqs))
 
     # ---- shared by the knob-fitting policies --------------------------------------------------------------------
     def measure(self, engine: EncoderEngine, seqs: list[list[int]]) -> float:
@@ -92,13 +90,11 @@ class EncoderPolicy(Policy):
             set_knob(v)
             return self.measure(engine, seqs)
 
-        f_cheap = fraction_at(cheap)
-        best, best_f = cheap, f_cheap  # out of reach: keep the cheapest setting and say so ("reached": False)
-        if f_cheap <= target:
-            best, best_f = bisect(fraction_at, target, cheap, rich, f_cheap, iters)
+        # the decoder's fit, so an unreachable budget is refused the same way everywhere (one line naming the
+        # minimum reachable budget; the bench records the point as not measured)
+        best, best_f = fit_threshold(fraction_at, target, cheap, rich, iters=iters, what=self.name, tol=0.0)
         set_knob(best)
-        self.calibration = {self.knob_name: round(best, 6), "calib_flops_fraction": round(best_f, 4),
-                            "reached": bool(best_f <= target + 1e-9)}
+        self.calibration = {self.knob_name: round(best, 6), "calib_flops_fraction": round(best_f, 4)}
 
 
 def geometric_keep(ratio: float, j: int) -> float:

@@ -13,23 +13,16 @@ import math
 import pytest
 import torch
 
-import ponder.api as api
+from conftest import CALIB, TOL
 from ponder.engine import SamplingConfig, Stats, generate
 from ponder.errors import PonderError
 from ponder.policies import registry
 from ponder.policies.budget import realized
 
 NAMES = registry.names()
-TOL = 1e-4
 G = torch.Generator().manual_seed(11)
-CALIB = torch.randint(3, 97, (6, 40), generator=G).tolist()  # token-id sequences: tests never need data/calib.txt
 PROMPTS = [torch.randint(3, 97, (n,), generator=G).tolist() for n in (7, 3, 11)]
 SC = SamplingConfig(max_new_tokens=10)
-
-
-@pytest.fixture(scope="module")
-def eng(tiny_folder):
-    return api.load(tiny_folder("llama", layers=8)[0])
 
 
 def make(name: str, budget: float, eng):
