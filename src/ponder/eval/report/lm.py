@@ -242,8 +242,11 @@ def quality_cols(cols: dict[str, str], html: bool = True) -> list[Column]:
     return [
         Column("policy", _swatch(cols) if html else (lambda r: r["policy"]), align="left"),
         Column("budget", lambda r: f"{r['budget']:g}"),
-        Column("FLOPs", lambda r: _pm(r.get("flops_fraction"), r.get("flops_fraction_std")),
-               "executed fraction of dense layer FLOPs on the evaluation text, mean ± std across sequences"),
+        Column("FLOPs", lambda r: fnum(r.get("flops_fraction")),
+               "executed fraction of dense layer FLOPs while scoring the perplexity windows (the model's context)"),
+        Column("budget kept", lambda r: _pm(r.get("budget_realized"), r.get("flops_fraction_std")),
+               "executed fraction on held-out text in windows as long as the calibration's (256 tokens), mean ± "
+               "std across windows: the budget a calibrated policy promises"),
         Column("gen FLOPs", lambda r: _pm(r.get("gen_flops_fraction"), r.get("gen_flops_fraction_std")),
                "executed FLOP fraction during greedy generation (prefill + decode), mean ± std across prompts"),
         Column("weight bytes", lambda r: fnum(r.get("weight_bytes_fraction")),
