@@ -17,9 +17,12 @@ _REGISTRY: dict[str, type[Policy]] = {}
 _MACHINERY = {"base", "budget", "calibration", "registry", "spec"}
 
 
-def _modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
-                  if not m.ispkg and m.name not in _MACHINERY and not m.name.startswith("_"))
+def import_policy_modules(package: str, folder: str | Path, machinery: set[str]) -> None:
+    """Import every module of ``package`` (in ``folder``) but its ``machinery``: each one registers the policies it
+    defines on import. Shared by the decoder and the encoder registries."""
+    for m in sorted(m.name for m in pkgutil.iter_modules([str(folder)])
+                    if not m.ispkg and m.name not in machinery and not m.name.startswith("_")):
+        importlib.import_module(f"{package}.{m}")
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -28,8 +31,7 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 
 def _load_all() -> None:
-    for m in _modules():
-        importlib.import_module(f"{__package__}.{m}")
+    import_policy_modules(__package__, Path(__file__).parent, _MACHINERY)
 
 
 def names() -> list[str]:

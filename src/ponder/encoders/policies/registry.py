@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import Any
 
 from ...errors import PonderError
+from ...policies.registry import import_policy_modules
 from .base import EncoderPolicy
 
 _REGISTRY: dict[str, type[EncoderPolicy]] = {}
 _MACHINERY = {"base", "registry"}  # every other module of this package defines (and registers) encoder policies
-
-
-def _modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
-                  if not m.ispkg and m.name not in _MACHINERY and not m.name.startswith("_"))
 
 
 def register(cls: type[EncoderPolicy]) -> type[EncoderPolicy]:
@@ -25,8 +19,7 @@ def register(cls: type[EncoderPolicy]) -> type[EncoderPolicy]:
 
 
 def _load_all() -> None:
-    for m in _modules():
-        importlib.import_module(f"{__package__}.{m}")
+    import_policy_modules(__package__, Path(__file__).parent, _MACHINERY)
 
 
 def names() -> list[str]:
