@@ -6,6 +6,7 @@ everything else in ponder takes that engine.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,10 @@ from .engine.forward import Engine
 from .errors import PonderError
 from .models import catalog
 from .models.catalog import DEFAULT_MODEL, ref_model_path  # noqa: F401  (re-exported: ponder.api.ref_model_path)
-from .models.config import ModelConfig
+from .models.config import ModelConfig, rope_inv_freq
+from .models.gguf import read_gguf
+from .models.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
+from .models.llama import LlamaModel
 from .models.loader import build_model, load_folder
 from .models.tokenizer import Tokenizer
 
@@ -79,9 +83,6 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
 
 
 def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str) -> Engine:
-    from .models.gguf import read_gguf
-    from .models.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
-
     weights, info, cfg = read_gguf(file)
     tok = tokenizer_from_gguf(info.fields)
     special = special_tokens_from_gguf(info.fields)
@@ -101,8 +102,6 @@ def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str) -> Eng
 
 def _folder_chat_template(folder: Path) -> str | None:
     """A Hugging Face folder's chat template (tokenizer_config.json or chat_template.jinja), if it has one."""
-    import json
-
     j = folder / "chat_template.jinja"
     if j.is_file():
         return j.read_text()
@@ -117,8 +116,6 @@ def _folder_chat_template(folder: Path) -> str | None:
 
 
 def _read_generation_config(folder: Path) -> dict[str, Any]:
-    import json
-
     p = folder / "generation_config.json"
     if not p.is_file():
         return {}
@@ -130,8 +127,6 @@ def _read_generation_config(folder: Path) -> dict[str, Any]:
 
 def from_hf(model: Any, tokenizer: Any = None) -> Engine:
     """Wrap an in-memory transformers model of a supported family, borrowing its tensors (no copy)."""
-    from .models.llama import LlamaModel
-
     cfg = ModelConfig.from_dict(model.config.to_dict())
     inner = model.model
     with torch.device("meta"):
@@ -139,8 +134,6 @@ def from_hf(model: Any, tokenizer: Any = None) -> Engine:
     shell.model = inner  # same parameter names as transformers' Llama/Mistral/Qwen modules
     if not cfg.tie_word_embeddings:
         shell.lm_head = model.lm_head
-    from .models.config import rope_inv_freq
-
     shell.register_buffer("inv_freq", rope_inv_freq(cfg).to(inner.embed_tokens.weight.device), persistent=False)
     eng = Engine(shell, Tokenizer.from_object(tokenizer) if tokenizer is not None else None, fuse=False)
     eng.name = getattr(model.config, "_name_or_path", "") or cfg.model_type

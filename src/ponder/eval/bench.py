@@ -27,16 +27,22 @@ from typing import Any
 
 import torch
 
+from ..api import load, resolve_model
 from ..engine.forward import Engine
 from ..engine.generate import SamplingConfig, generate
 from ..engine.stats import ATTN, KV
 from ..errors import PonderError
+from ..models.gguf_tokenizer import render_chat
+from ..policies import registry
+from ..policies.calibration import calibration_ids
 from . import envinfo, quality, timing
+from .metrics import evaluate_text, read_text, text_ids
+from .peers import LLAMACPP_F32, LLAMACPP_FILE, PEER, llamacpp_row, transformers_row
+from .prompts import load_instruct
+from .report import build_report
 from .sweep import NOISE_BAND, ResultsFile, point_key, progress, settings_hash
 
 CONTROL = "dense-control"
-PEER = "transformers-generate"
-LLAMACPP_F32, LLAMACPP_FILE = "llama.cpp-f32", "llama.cpp-file"  # same weights as ponder; the original GGUF
 RESERVED = (CONTROL, PEER, LLAMACPP_F32, LLAMACPP_FILE)
 # Budget 1 of every policy is the dense plan (tests hold each to dense exactly); the sweep spends its time below it.
 DEFAULT_BUDGETS = (0.9, 0.75, 0.6, 0.5)
@@ -137,8 +143,6 @@ class Bench:
 
     # ---- inputs, cut once ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        from .metrics import read_text, text_ids
-
         s = self.settings
         self.code_text = read_text(s.data)
         self.prose_text = read_text(s.prose) if s.prose and s.prose_tokens > 0 else None
@@ -168,9 +172,6 @@ class Bench:
         s, e = self.settings, self.engine
         if not s.instruct_file or s.instruct_prompts <= 0 or not e.chat_template or e.tokenizer is None:
             return []
-        from ..models.gguf_tokenizer import render_chat
-        from .prompts import load_instruct
-
         room = e.cfg.max_position_embeddings - s.instruct_tokens
         out = []
         for it in load_instruct(s.instruct_file, grounded=True)[: s.instruct_prompts]:
@@ -195,8 +196,6 @@ class Bench:
     def _ppl(self, policy: Any, text: str | None, n: int) -> dict[str, Any] | None:
         if not text or n <= 0:
             return None
-        from .metrics import evaluate_text
-
         r = evaluate_text(self.engine, text, policy, max_tokens=n)
         r.pop("logprobs", None)
         return r
@@ -418,8 +417,6 @@ class Bench:
     def calibrate(self, pol: Any) -> None:
         """Fit the policy on the shipped calibration text (never the evaluation data), cut once per run."""
         if not hasattr(self, "_calib"):
-            from ..policies.calibration import calibration_ids
-
             self._calib = calibration_ids(self.engine, n_tokens=self.settings.calib_tokens)
         pol.calibrate(self.engine, self._calib)
 
@@ -453,8 +450,6 @@ class Bench:
     def dense_rows(self, bar=None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The dense row (absolute numbers; its KL of 0 and agreement of 1 check the harness itself) and the A/A
         control row (dense timed against dense, interleaved exactly like every policy)."""
-        from ..policies import registry
-
         dense = registry.get("dense", 1.0)
         t0 = time.perf_counter()
         self._marks = []
@@ -487,14 +482,10 @@ class Bench:
 
     def peer_row(self, bar=None) -> dict[str, Any]:
         """transformers' generate on the same checkpoint, interleaved with ponder's dense generate (batch 1)."""
-        from .peers import transformers_row
-
         return transformers_row(self, bar)
 
     def llamacpp_row(self, which: str, bar=None) -> dict[str, Any]:
         """llama.cpp on the same weights (``f32``: an F32 GGUF of what ponder runs) or on the original file."""
-        from .peers import llamacpp_row
-
         return llamacpp_row(self, which, bar)
 
 
@@ -549,8 +540,6 @@ def _control_verdict(tf: dict[str, Any]) -> dict[str, Any]:
 # ---- the sweep ---------------------------------------------------------------------------------------------------
 
 def plan_points(policies: list[str], budgets: list[float]) -> list[Point]:
-    from ..policies import registry
-
     pts: list[Point] = []
     for name in policies:
         if name in ("dense",) + RESERVED:
@@ -564,8 +553,6 @@ def plan_points(policies: list[str], budgets: list[float]) -> list[Point]:
 
 def default_policies() -> list[str]:
     """What ``ponder bench`` measures when no --policies is given: every registered policy and the variants."""
-    from ..policies import registry
-
     return registry.names() + list(DEFAULT_VARIANTS)
 
 
@@ -573,9 +560,6 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
                  settings: BenchSettings, dtype: str | None = None, device: str | None = None,
                  show_progress: bool = True, write_report: bool = True) -> dict[str, Any]:
     """Measure every (policy, budget) point not yet in ``out_dir/results.jsonl``; returns a summary dict."""
-    from ..api import load, resolve_model
-    from .metrics import read_text
-
     for p in (settings.data, settings.prose):
         if p:
             read_text(p)  # missing / empty / not UTF-8: one clear line before the model is even loaded
@@ -624,8 +608,6 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
                                bench.llamacpp_row("f32" if pt == LLAMACPP_F32 else "file", bar))
                     written += 1
                 else:
-                    from ..policies import registry
-
                     out.append(bench.policy_row(registry.get(pt.policy, pt.budget), bar, spec=pt.policy))
                     written += 1
             except KeyboardInterrupt:
@@ -633,8 +615,6 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
             except PonderError as err:  # the policy refuses this point (e.g. an unreachable budget): record why
                 if kind != "policy":
                     raise
-                from ..policies import registry
-
                 row = bench.base_row(pt.policy, pt.budget)
                 row.update(registry.get(pt.policy, 1.0).flags())
                 row.update(status="error", error=str(err), env=bench.env)
@@ -654,8 +634,6 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
     summary = {"out": str(out.dir), "results": str(out.path), "written": written, "skipped": max(0, skipped),
                "failed": failures, "seconds": time.perf_counter() - t0, "settings": bench.skey}
     if write_report:
-        from .report import build_report
-
         summary["report"] = [str(p) for p in build_report(out.dir)]
     return summary
 

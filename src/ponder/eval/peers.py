@@ -14,8 +14,13 @@ from typing import Any
 
 import torch
 
+from ..engine.generate import SamplingConfig, generate
 from ..errors import PonderError
+from ..models.gguf import write_gguf
+from . import timing
 
+PEER = "transformers-generate"
+LLAMACPP_F32, LLAMACPP_FILE = "llama.cpp-f32", "llama.cpp-file"  # same weights as ponder; the original GGUF
 LLAMACPP_HINT = "bash scripts/setup-peers.sh (builds llama-cpp-python from its sdist; pip install '.[peers]')"
 
 
@@ -64,8 +69,6 @@ class LlamaCpp:
 def f32_gguf_for(engine: Any, cache_dir: str | Path | None = None) -> Path:
     """An F32 GGUF of exactly the weights ``engine`` runs (written once per model, cached by content): llama.cpp's
     same-weights peer file. Needs the engine to come from a GGUF (its tokenizer metadata is copied)."""
-    from ..models.gguf import write_gguf
-
     info = getattr(engine, "gguf", None)
     if info is None:
         raise PonderError("the llama.cpp same-weights peer needs a model opened from a GGUF file")
@@ -102,9 +105,6 @@ def _not_run(bench: Any, name: str, why: str) -> dict[str, Any]:
 def _timed_pair(bench: Any, theirs: Any, bar, label: str) -> dict[str, Any]:
     """Interleave ponder's dense generate with a peer's, at 1 and n new tokens on the same prompt ids; decode cost per
     token is the difference over n - 1 (prefill cancels). ``theirs(k)`` returns a callable making k tokens."""
-    from ..engine.generate import SamplingConfig, generate
-    from . import timing
-
     e, s = bench.engine, bench.settings
     p = bench.decode_prompts[0]
     n = s.timing_tokens
@@ -147,8 +147,6 @@ def _greedy_compare(bench: Any, theirs_tokens) -> dict[str, Any]:
 
 def transformers_row(bench: Any, bar=None) -> dict[str, Any]:
     """transformers' ``generate`` on the same checkpoint (a GGUF through its own GGUF loader)."""
-    from .bench import PEER
-
     try:
         import transformers
         from transformers import AutoModelForCausalLM
@@ -192,8 +190,6 @@ def llamacpp_row(bench: Any, which: str, bar=None) -> dict[str, Any]:
     """llama.cpp (llama-cpp-python, batch 1, greedy, ponder's thread count) on ``which``: "f32", an F32 GGUF of the
     very weights ponder runs (its greedy tokens must equal ponder's), or "file", the original GGUF (what a user runs
     today; quantised, so its tokens may differ: the row says by how much)."""
-    from .bench import LLAMACPP_F32, LLAMACPP_FILE
-
     name = LLAMACPP_F32 if which == "f32" else LLAMACPP_FILE
     ver = llamacpp_version()
     if ver is None:
