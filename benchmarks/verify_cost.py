@@ -32,7 +32,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     import ponder
     from ponder.engine.generate import SamplingConfig, generate
-    from ponder.eval import envinfo, peers, timing
+    from ponder.eval import envinfo, peers, quality, timing
     from ponder.eval.bench import repo_data
 
     eng = ponder.load(a.model)
@@ -89,7 +89,7 @@ def main() -> int:
         out["greedy"] = {}
         for name, lc in lcs.items():
             theirs = lc.generate(p, a.decode)
-            out["greedy"][name] = {"equal": theirs == mine, "first_divergence": peers.first_divergence(mine, theirs)}
+            out["greedy"][name] = {"equal": theirs == mine, "first_divergence": quality.first_divergence(mine, theirs)}
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:

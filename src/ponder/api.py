@@ -77,7 +77,6 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     eng.path = folder
     eng.generation_config = _read_generation_config(folder)
     eng.chat_template = _folder_chat_template(folder)
-    eng.stop_tokens = tuple(eng.cfg.eos_token_id)
     eng.weights_form = f"{str(dt).removeprefix('torch.')} (from safetensors)"
     return eng
 
@@ -86,7 +85,7 @@ def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str) -> Eng
     weights, info, cfg = read_gguf(file)
     tok = tokenizer_from_gguf(info.fields)
     special = special_tokens_from_gguf(info.fields)
-    cfg.eos_token_id = list(special["stop_token_ids"]) or cfg.eos_token_id
+    cfg.eos_token_id = list(special["stop_token_ids"]) or cfg.eos_token_id  # the engine's stop tokens
     model = build_model(cfg, weights, dt)
     eng = Engine(model.to(dev), tok)
     eng.name = name if name in catalog.CATALOG else file.stem
@@ -94,8 +93,6 @@ def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str) -> Eng
     eng.gguf = info
     eng.generation_config = {}
     eng.chat_template = info.chat_template
-    eng.stop_tokens = tuple(cfg.eos_token_id)
-    eng.bos_token_id = special.get("bos_token_id") if special.get("add_bos_token") else None
     eng.weights_form = f"{str(dt).removeprefix('torch.')} (dequantised from GGUF {info.file_type})"
     return eng
 

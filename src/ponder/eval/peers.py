@@ -18,6 +18,7 @@ from ..engine.generate import SamplingConfig, generate
 from ..errors import PonderError
 from ..models.gguf import write_gguf
 from . import timing
+from .quality import first_divergence
 
 PEER = "transformers-generate"
 LLAMACPP_F32, LLAMACPP_FILE = "llama.cpp-f32", "llama.cpp-file"  # same weights as ponder; the original GGUF
@@ -67,12 +68,12 @@ class LlamaCpp:
 
 
 def f32_gguf_for(engine: Any, cache_dir: str | Path | None = None) -> Path:
-    """An F32 GGUF of exactly the weights ``engine`` runs (written once per model, cached by content): llama.cpp's
-    same-weights peer file. Needs the engine to come from a GGUF (its tokenizer metadata is copied)."""
+    """An F32 GGUF of exactly the weights ``engine`` runs: llama.cpp's same-weights peer file, written once and kept
+    under a name keyed by the source file's name and size and the engine's dtype. Needs the engine to come from a
+    GGUF (its tokenizer metadata is copied)."""
     info = getattr(engine, "gguf", None)
     if info is None:
         raise PonderError("the llama.cpp same-weights peer needs a model opened from a GGUF file")
-    state = {k: v for k, v in engine.model.state_dict().items()}
     h = hashlib.sha256()
     h.update(str(info.path.stat().st_size).encode())
     h.update(info.path.name.encode())
@@ -80,16 +81,8 @@ def f32_gguf_for(engine: Any, cache_dir: str | Path | None = None) -> Path:
     d = Path(cache_dir or os.environ.get("PONDER_CACHE", Path.home() / ".cache" / "ponder")) / "gguf"
     out = d / f"{info.path.stem}-{h.hexdigest()[:12]}.F32.gguf"
     if not out.is_file():
-        write_gguf(out, state, engine.cfg, info.fields)
+        write_gguf(out, engine.model.state_dict(), engine.cfg, info.fields)
     return out
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    """Index of the first differing token (None when equal)."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 # ---- bench rows --------------------------------------------------------------------------------------------------

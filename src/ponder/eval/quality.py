@@ -137,15 +137,23 @@ def _mean_extras(extras: list[dict]) -> dict[str, Any]:
     return out
 
 
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (None when equal)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def exact_match(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]:
     """Share of prompts whose continuation equals dense, and the mean index of the first differing token."""
     if not ref:
         return {"greedy_exact_match": None, "first_divergence": None}
     same, firsts = 0, []
     for a, b in zip(ref, got):
-        n = min(len(a), len(b))
         same += a == b
-        firsts.append(next((i for i in range(n) if a[i] != b[i]), n))  # identical (or a prefix): its length
+        d = first_divergence(a, b)
+        firsts.append(min(len(a), len(b)) if d is None else d)  # identical: its length (a prefix gives that too)
     return {"greedy_exact_match": same / len(ref), "first_divergence": statistics.fmean(firsts),
             "greedy_new_tokens": max(len(a) for a in ref)}
 

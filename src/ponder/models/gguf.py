@@ -230,7 +230,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], GGUFInfo, Mode
         cfg.rope_scaling = {"rope_type": "factors", "factors": rope_factors.tolist()}
     mats = {t.tensor_type.name for t in r.tensors if len(t.shape) == 2 and t.name != "token_embd.weight"}
     main = max(mats, key=lambda n: counts[n]) if mats else ""
-    info = GGUFInfo(p, arch, {k: v for k, v in fields.items()}, counts, main)
+    info = GGUFInfo(p, arch, fields, counts, main)
     return out, info, cfg
 
 
@@ -272,6 +272,7 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfi
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     inv = {v: k for k, v in _TOP_NAMES.items()}
+    block_inv = {v: k for k, v in _BLOCK_NAMES.items()}
     for k, t in state.items():
         if k in inv:
             name = inv[k]
@@ -280,7 +281,7 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfi
             if len(parts) < 4 or parts[0] != "model" or parts[1] != "layers":
                 continue
             rest = ".".join(parts[3:])
-            g = {v: kk for kk, v in _BLOCK_NAMES.items()}.get(rest)
+            g = block_inv.get(rest)
             if g is None:
                 continue
             name = f"blk.{int(parts[2])}.{g}"
