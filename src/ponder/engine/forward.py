@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from ..models.config import ModelConfig
 from ..models.llama import LlamaModel, apply_rope, rms_norm, rope_tables
-from . import fused
+from . import steps
 from .cache import KVCache
 from .plan import LayerPlan
 from .stats import Stats
+from .steps import PythonSteps, attend, row_kv
 
 
 @dataclass
@@ -108,14 +109,6 @@ def prepare_layers(model: LlamaModel, fuse: bool = True,
     return out
 
 
-def saturation_sums(p: torch.Tensor, x: torch.Tensor, with_pp: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Per row of states ``p`` and ``x`` (..., D): ``p.p`` (or None) and the stacked ``[p.x, x.x]`` (2, ...), as
-    float32 sums. One definition for a saturation check's cosine parts, whether a batch asks or one token does
-    (``Engine.sat_dots``; ``fused.cpp`` computes the same calls), so both decide alike."""
-    pf, xf = p.float(), x.float()
-    return ((pf * pf).sum(-1) if with_pp else None), (torch.stack((pf, xf)) * xf).sum(-1)
-
-
 @dataclass
 class StepContext:
     """What a planner may look at when deciding a layer's plan."""
@@ -176,10 +169,11 @@ class Engine:
         self.model = model
         self.cfg: ModelConfig = model.config
         self.tokenizer = tokenizer
-        on_cpu = model.model.embed_tokens.weight.device.type == "cpu"
-        kern = fused.load() if on_cpu and fuse else None
-        self.lin: Callable[..., torch.Tensor] = kern.linear if kern is not None else F.linear
+        mod = steps.compiled(model.model.embed_tokens.weight.device.type == "cpu", fuse)
+        self.lin: Callable[..., torch.Tensor] = mod.linear if mod is not None else F.linear
         self.layers = prepare_layers(model, fuse, self.lin)
+        # The layer halves, chosen once: the compiled ones where they apply, the Python reference otherwise.
+        self.steps: PythonSteps = steps.choose(self.cfg, self.layers, mod)
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
         self.head = model.head_weight
@@ -196,10 +190,6 @@ class Engine:
         self.stop_tokens: tuple[int, ...] = tuple(self.cfg.eos_token_id)  # end-of-sequence / end-of-turn ids
         self.weights_form = str(self.dtype).removeprefix("torch.")
         self.gguf: Any = None  # models.gguf.GGUFInfo when opened from a GGUF file
-        # The compiled layer halves (engine/fused.py): CPU only (the only device they are tested on), fused weights
-        # only. Same bits as the Python halves; None runs those.
-        self._fused = kern if self.layers and self.layers[0].wqkv is not None and len(self.layers[0].wgu) == 1 \
-            else None
 
     # ---- small pieces, also used by policies ------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -214,15 +204,6 @@ class Engine:
             f = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq
             t = self._rope = rope_tables(f, self.dtype)  # (n, 1, hd) each
         return t[0][positions], t[1][positions]
-
-    def sat_dots(self, p: torch.Tensor, x: torch.Tensor, with_pp: bool) -> list[float]:
-        """For one token's states ``p`` and ``x``: ``[p.p,] p.x, x.x`` as float32 sums widened to Python floats (a
-        saturation check's cosine parts). One compiled call instead of six small ones per layer, because at batch 1
-        such a check runs in every layer it decides and costs as much as a tenth of the layer."""
-        if self._fused is not None:
-            return self._fused.sat_dots(p, x, with_pp)
-        pp, px_xx = saturation_sums(p, x, with_pp)
-        return ([pp.item()] if pp is not None else []) + px_xx.view(2).tolist()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (shared by every exit point)."""
@@ -243,18 +224,13 @@ class Engine:
         c, eps = self.cfg, self.cfg.rms_norm_eps
         Hk, hd, L = self._Hk, self._hd, c.num_hidden_layers
         Lr, n = L - first, rows.numel()
-        T = ctx.T
-        if ctx.B * T == 1:  # one token (batch-1 decode): its cache column by plain indexing, no index arithmetic
-            r, col = 0, ctx.start
-            cos, sin = self.rope(ctx.positions.reshape(-1), ctx.end)
-        else:
-            r, col = rows // T, rows % T + ctx.start
-            cos, sin = self.rope(ctx.positions.reshape(-1)[rows], ctx.end)  # (n, 1, hd): broadcast over layers, heads
+        r, col = rows // ctx.T, rows % ctx.T + ctx.start
+        cos, sin = self.rope(ctx.positions.reshape(-1)[rows], ctx.end)  # (n, 1, hd): broadcast over layers, heads
         st = self._exit_stack()
         if st is None:  # a large model: no stacked copy of the K/V weights; one layer at a time, still no planning
             for j in range(first, L):
                 w = self.layers[j]
-                kj, vj = self._row_kv(w, rms_norm(h, w.ln1, eps), cos, sin)
+                kj, vj = row_kv(w, rms_norm(h, w.ln1, eps), cos, sin, Hk, hd, eps)
                 ctx.cache.k[j][r, :, col], ctx.cache.v[j][r, :, col] = kj, vj
             return
         ln, wkv, bkv, kn = (t[first:] if t is not None else None for t in st)
@@ -266,14 +242,9 @@ class Engine:
         if kn is not None:
             k = rms_norm(k, kn[:, None, None, :], eps)
         k = apply_rope(k, cos, sin)
-        if isinstance(r, int):  # (Lr, 1, Hk, hd) into the (Lr, Hk, hd) column view
-            ctx.cache.k[first:, r, :, col] = k[:, 0]
-            ctx.cache.v[first:, r, :, col] = v[:, 0]
-        else:
-            ctx.cache.k[first:, r, :, col] = k.transpose(0, 1)
-            ctx.cache.v[first:, r, :, col] = v.transpose(0, 1)
+        ctx.cache.k[first:, r, :, col] = k.transpose(0, 1)
+        ctx.cache.v[first:, r, :, col] = v.transpose(0, 1)
 
-    SMALL_TQ = 16  # up to this many queries per row, attention runs as two batched matmuls instead of SDPA
     EXIT_STACK_MAX_BYTES = 64 << 20  # above this, exit_kv does not keep a stacked copy of every layer's K/V weights
 
     def _exit_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
@@ -354,8 +325,6 @@ class Engine:
         if known is None:
             out = self.logits(sel)
             n = want
-        elif B * T == 1 and known[0].numel() == 1:  # one token, and its check computed its logits: nothing to place
-            out, n = known[1].view(*sel.shape[:-1], self.cfg.vocab_size), 0
         else:
             rows, lg = known
             flat = (torch.arange(B, device=x.device) * T + T - 1) if last else torch.arange(B * T, device=x.device)
@@ -377,200 +346,95 @@ class Engine:
     @staticmethod
     def _mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """(B, end - start, end) boolean for the queries at columns [start, end): causal, valid keys, and always the
-        query itself (keeps padding rows finite). ``_attend`` adds the head dimension."""
+        query itself (keeps padding rows finite). ``attend`` adds the head dimension."""
         kcol = torch.arange(end, device=valid.device)
         qcol = torch.arange(start, end, device=valid.device)
         causal = kcol[None, :] <= qcol[:, None]
         own = kcol[None, :] == qcol[:, None]
         return (causal[None] & valid[:, None, :end]) | own[None]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool) -> torch.Tensor:
-        """q (B, H, Tq, hd) against k, v (B, Hk, Tk, hd); mask (B, Tq, Tk) boolean or None."""
-        if mask is not None:
-            mask = mask[:, None]
-        B, H, Tq, hd = q.shape
-        if Tq == 1 or (mask is not None and Tq <= self.SMALL_TQ):
-            # Decode, or a few queries per row (speculative verification): two small batched matmuls beat the fused
-            # SDPA kernel's set-up cost on CPU (measured ~24 vs ~57 us at 8 heads x 100 keys, one query). Query
-            # heads are grouped onto their KV head; (batch, KV head) merge into one matmul batch dimension without
-            # a copy, even for a cache slice.
-            Hk, Tk = k.shape[1], k.shape[2]
-            G = H // Hk
-            s = torch.bmm(q.reshape(B * Hk, G * Tq, hd), k.reshape(B * Hk, Tk, hd).transpose(1, 2)).mul_(hd ** -0.5)
-            if mask is not None:
-                s = s.view(B, Hk, G, Tq, Tk).masked_fill_(~mask[:, :, None], float("-inf")).view(B * Hk, G * Tq, Tk)
-            return torch.bmm(s.softmax(-1), v.reshape(B * Hk, Tk, hd)).view(B, H, Tq, hd)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                              enable_gqa=self._H != self._Hk)
-
-    def _row_kv(self, w: LayerWeights, hn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (K-normed, rotated) and V, each (n, Hk, hd), of one layer for normed rows ``hn`` (n, D) at rotary
-        ``cos``/``sin`` (n, 1, hd): what a row leaves in the cache, whether it runs the layer or only fills it."""
-        n = hn.shape[0]
-        k, v = w.kv(hn)
-        k = k.view(n, self._Hk, self._hd)
-        if w.k_norm is not None:
-            k = rms_norm(k, w.k_norm, self.cfg.rms_norm_eps)
-        return apply_rope(k, cos, sin), v.reshape(n, self._Hk, self._hd)
-
-    def _qk(self, w: LayerWeights, q: torch.Tensor, k: torch.Tensor, cos, sin):
-        if w.q_norm is not None:
-            q = rms_norm(q, w.q_norm, self.cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, self.cfg.rms_norm_eps)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
+    # ---- one layer ------------------------------------------------------------------------------------------
     def _dense_layer(self, i, x, cos, sin, cache, start, end, mask, is_causal):
         w = self.layers[i]
-        x = self._dense_attn_rows(i, x, cos, sin, cache, start, end, mask, is_causal)
-        xf = x.view(-1, x.shape[-1])  # 2-D: a 3-D linear pays for reshapes around its matmul
-        return self._ffn(w, xf).view(x.shape)
-
-    def _ffn(self, w: LayerWeights, xf: torch.Tensor) -> torch.Tensor:
-        """The FFN half with its residual, for rows xf (N, D)."""
-        if self._fused is not None:
-            return self._fused.ffn(xf, w.ln2, self.cfg.rms_norm_eps, w.wgu[0], w.wd)
-        return xf + w.mlp(rms_norm(xf, w.ln2, self.cfg.rms_norm_eps))
+        x = self.steps.attn(w, x, cos, sin, cache.k[i], cache.v[i], start, end, mask, is_causal)
+        return self.steps.ffn(w, x.view(-1, x.shape[-1])).view(x.shape)  # 2-D: a 3-D linear reshapes around it
 
     def _planned_layer(self, i, x, plan: LayerPlan, cos, sin, cache: KVCache, start, end, mask, is_causal,
                        stats: Stats | None):
+        """Attention for the rows in ``plan.attn`` (every row when None), the K/V the other rows leave behind, then
+        the FFN for the rows in ``plan.ffn``; a row outside both sets is not computed at all."""
         w = self.layers[i]
         B, T, D = x.shape
-        N = B * T
-        H, Hk, hd = self._H, self._Hk, self._hd
-        eps = self.cfg.rms_norm_eps
         a, f = plan.attn, plan.ffn
-        attn_ctx = None
-        kv_rows: torch.Tensor | None
-        if a is None:  # attention dense, only the FFN is planned
-            x = self._dense_attn_rows(i, x, cos, sin, cache, start, end, mask, is_causal)
-            if f is not None and not f.numel():  # and no row runs it: the attention half is the whole layer
-                if stats is not None:
-                    stats.layer(i, None, None, f, None)
-                return x
-            xf = x.reshape(N, D)
-            kv_rows = None
-        else:
-            na = a.numel()
-            if plan.kv == "filled" and not na and f is not None and not f.numel():
-                # Every row has left (its K/V written ahead): nothing runs and nothing is read.
-                if stats is not None:
-                    stats.layer(i, a, None, f, None)
-                return x
-            xf = x.reshape(N, D)
-            cosf, sinf = cos.reshape(N, 1, hd), sin.reshape(N, 1, hd)
-            if plan.kv == "compute":
-                if T == 1 and self._fused is not None and len(w.wkv) == 1:  # norm, K/V and cache write in C++
-                    h_all = self._fused.decode_kv(xf, w.ln1, eps, w.wkv[0], w.bkv[0] if w.bkv else None, w.k_norm,
-                                                  cos, sin, cache.k[i], cache.v[i], start, Hk, hd)
-                else:
-                    h_all = rms_norm(xf, w.ln1, eps)
-                    k, v = self._row_kv(w, h_all, cosf, sinf)
-                    if T == 1:  # (B, Hk, hd) is the column's layout already
-                        cache.k[i][:, :, start], cache.v[i][:, :, start] = k, v
-                    else:
-                        cache.k[i][:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
-                        cache.v[i][:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
-                if not na and f is not None and not f.numel():  # the whole layer skipped, its K/V left behind
-                    if stats is not None:
-                        stats.layer(i, a, None, f, None)
-                    return x
-                h_a = h_all[a] if na else None
-                kv_rows = None
-            else:
-                h_a = rms_norm(xf[a], w.ln1, eps)
-                if na:
-                    rows, cols = a // T, a % T + start
-                    cache.k[i][rows, :, cols], cache.v[i][rows, :, cols] = self._row_kv(w, h_a, cosf[a], sinf[a])
-                if plan.kv == "filled":  # the other rows' K/V are already in place
-                    kv_rows = None
-                elif not na:  # no row attends here: the step's whole column block is copied or left empty
-                    if plan.kv == "copy" and i > 0:
-                        cache.k[i][:, :, start:end] = cache.k[i - 1][:, :, start:end]
-                        cache.v[i][:, :, start:end] = cache.v[i - 1][:, :, start:end]
-                    else:
-                        cache.punch_columns(i, start, end)
-                    kv_rows = a
-                else:
-                    off = torch.ones(N, dtype=torch.bool, device=x.device)
-                    off[a] = False
-                    idx = off.nonzero().squeeze(1)
-                    if idx.numel() and plan.kv == "copy" and i > 0:
-                        rr, cc = idx // T, idx % T + start
-                        cache.k[i][rr, :, cc] = cache.k[i - 1][rr, :, cc]
-                        cache.v[i][rr, :, cc] = cache.v[i - 1][rr, :, cc]
-                    elif idx.numel():
-                        cache.punch(i, idx // T, idx % T + start)
-                    kv_rows = a
-            if na:
-                q = w.q(h_a).view(na, H, hd)
-                if w.q_norm is not None:
-                    q = rms_norm(q, w.q_norm, eps)
-                q = apply_rope(q, cosf[a], sinf[a])
-                o, attn_ctx = self._attend_rows(i, q, a, T, start, end, cache)
-                xf = xf.index_add(0, a, self.lin(o, w.wo))
-        if f is None or f.numel() == N:  # every row runs it: no gather, no scatter (x + m either way, same bits)
-            xf = self._ffn(w, xf)
-        elif f.numel():
-            xf = xf.index_add(0, f, w.mlp(rms_norm(xf[f], w.ln2, eps)))
+        kv_rows = attn_ctx = None
+        if a is None:
+            x = self.steps.attn(w, x, cos, sin, cache.k[i], cache.v[i], start, end, mask, is_causal)
+        elif a.numel() or plan.kv != "filled":
+            h_a, kv_rows = self._write_kv(i, w, x, a, plan.kv, cos, sin, cache, start, end)
+            if a.numel():
+                x, attn_ctx = self._attn_rows(i, w, x, a, h_a, cos, sin, cache, start, end)
+        x = self._ffn_rows(w, x, f)
         if stats is not None:
             stats.layer(i, a, kv_rows, f, attn_ctx)
-        return xf.view(B, T, D)
+        return x
 
-    def _dense_attn_rows(self, i, x, cos, sin, cache, start, end, mask, is_causal):
-        """The attention half of layer ``i`` for every row, residual added (the dense path's, and the planned path's
-        when only the FFN is planned: both pay the same for it)."""
-        w = self.layers[i]
+    def _write_kv(self, i: int, w: LayerWeights, x: torch.Tensor, a: torch.Tensor, kv: str, cos, sin,
+                  cache: KVCache, start: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This layer's cache columns for the step: the attending rows' K/V, and for the others what ``kv`` says
+        (computed from their incoming state, already filled, copied from the layer below, or punched out). Returns
+        the attending rows' normed states and the row set the stats count as leaving K/V behind."""
         B, T, D = x.shape
-        if T == 1 and w.wqkv is not None and w.q_norm is None:
-            return self._decode_attn(w, i, x.view(B, D), cos, sin, cache, start, end, mask).view(B, 1, D)
-        H, Hk, hd = self._H, self._Hk, self._hd
-        if self._fused is not None and w.q_norm is None:
-            return self._fused.attn_rows(x, w.ln1, self.cfg.rms_norm_eps, w.wqkv, w.bqkv, w.wo, cos, sin, cache.k[i],
-                                         cache.v[i], start, end, mask, is_causal, H, Hk, hd, self.SMALL_TQ)
-        h = rms_norm(x, w.ln1, self.cfg.rms_norm_eps)
-        if w.wqkv is not None and w.q_norm is None:
-            # q and k are adjacent in the fused projection: rotate both with one rope call.
-            qkv = self.lin(h, w.wqkv, w.bqkv)
-            qk = apply_rope(qkv[..., : w.qdim + w.kvdim].view(B, T, H + Hk, hd), cos, sin)
-            q, k = qk.split((H, Hk), dim=2)
-            v = qkv[..., w.qdim + w.kvdim:]
-        else:
-            q, k, v = w.qkv(h)
-            q, k = self._qk(w, q.view(B, T, H, hd), k.view(B, T, Hk, hd), cos, sin)
-        ck, cv = cache.k[i], cache.v[i]
-        ck[:, :, start:end] = k.transpose(1, 2)
-        cv[:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
-        o = self._attend(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], mask, is_causal)
-        return x + self.lin(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
+        N, hd, eps = B * T, self._hd, self.cfg.rms_norm_eps
+        xf = x.reshape(N, D)
+        if kv == "compute":  # every row leaves its own K/V: project them all, attending rows reuse the normed states
+            if T == 1:
+                h = self.steps.kv_column(w, xf, cos, sin, cache.k[i], cache.v[i], start)
+            else:
+                h = rms_norm(xf, w.ln1, eps)
+                k, v = row_kv(w, h, cos.reshape(N, 1, hd), sin.reshape(N, 1, hd), self._Hk, hd, eps)
+                cache.k[i][:, :, start:end] = k.view(B, T, self._Hk, hd).transpose(1, 2)
+                cache.v[i][:, :, start:end] = v.view(B, T, self._Hk, hd).transpose(1, 2)
+            return (h[a] if a.numel() else None), None
+        h_a = None
+        if a.numel():
+            h_a = rms_norm(xf[a], w.ln1, eps)
+            rows, cols = a // T, a % T + start
+            cache.k[i][rows, :, cols], cache.v[i][rows, :, cols] = row_kv(
+                w, h_a, cos.reshape(N, 1, hd)[a], sin.reshape(N, 1, hd)[a], self._Hk, hd, eps)
+        if kv == "filled":  # the other rows' K/V are already in place
+            return h_a, None
+        if h_a is None:  # no row attends: the step's whole column block is copied or left empty
+            if kv == "copy" and i > 0:
+                cache.k[i][:, :, start:end] = cache.k[i - 1][:, :, start:end]
+                cache.v[i][:, :, start:end] = cache.v[i - 1][:, :, start:end]
+            else:
+                cache.punch_columns(i, start, end)
+            return None, a
+        off = torch.ones(N, dtype=torch.bool, device=x.device)
+        off[a] = False
+        idx = off.nonzero().squeeze(1)
+        if idx.numel() and kv == "copy" and i > 0:
+            rr, cc = idx // T, idx % T + start
+            cache.k[i][rr, :, cc] = cache.k[i - 1][rr, :, cc]
+            cache.v[i][rr, :, cc] = cache.v[i - 1][rr, :, cc]
+        elif idx.numel():
+            cache.punch(i, idx // T, idx % T + start)
+        return h_a, a
 
-    def _decode_attn(self, w: LayerWeights, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     cache: KVCache, start: int, end: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """``_dense_attn_rows`` for one new token per row, x (B, D): the same arithmetic (same bits) on 2-D and 3-D
-        views, because at batch 1 the attention half is ~20 small calls whose fixed costs outweigh the 0.8 MB of
-        weights they read; every reshape, 4-D broadcast and 3-D linear saved here is a few microseconds per layer."""
-        B = x.shape[0]
-        H, Hk, hd = self._H, self._Hk, self._hd
-        if self._fused is not None:
-            return self._fused.decode_attn(x, w.ln1, self.cfg.rms_norm_eps, w.wqkv, w.bqkv, w.wo, cos, sin,
-                                           cache.k[i], cache.v[i], start, end, mask, H, Hk, hd)
-        qkv = self.lin(rms_norm(x, w.ln1, self.cfg.rms_norm_eps), w.wqkv, w.bqkv)
-        qk = apply_rope(qkv[:, : w.qdim + w.kvdim].view(B, H + Hk, hd), cos.view(B, 1, hd), sin.view(B, 1, hd))
-        ck, cv = cache.k[i], cache.v[i]
-        ck[:, :, start] = qk[:, H:]
-        cv[:, :, start] = qkv[:, w.qdim + w.kvdim:].view(B, Hk, hd)
-        o = self._attend(qk[:, :H, None], ck[:, :, :end], cv[:, :, :end], mask, False)
-        return x + self.lin(o.view(B, w.qdim), w.wo)
-
-    def _attend_rows(self, i: int, q: torch.Tensor, a: torch.Tensor, T: int, start: int, end: int,
-                     cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention for a subset of query tokens: packed per batch row, so only present rows' keys are read."""
-        H, hd = self._H, self._hd
+    def _attn_rows(self, i: int, w: LayerWeights, x: torch.Tensor, a: torch.Tensor, h_a: torch.Tensor, cos, sin,
+                   cache: KVCache, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention for the rows ``a`` (their normed states ``h_a``), packed per batch row so only present rows'
+        keys are read; returns x with their updates added, and the attended-key count."""
+        B, T, D = x.shape
+        H, hd, na = self._H, self._hd, a.numel()
+        q = w.q(h_a).view(na, H, hd)
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, self.cfg.rms_norm_eps)
+        q = apply_rope(q, cos.reshape(B * T, 1, hd)[a], sin.reshape(B * T, 1, hd)[a])
         rows, cols = a // T, a % T + start
         urows, inv, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
         nr, tq = urows.numel(), int(counts.max())
-        slot = torch.arange(a.numel(), device=a.device) - (counts.cumsum(0) - counts)[inv]
+        slot = torch.arange(na, device=a.device) - (counts.cumsum(0) - counts)[inv]
         qp = q.new_zeros(nr, tq, H, hd)
         qp[inv, slot] = q
         qcol = torch.full((nr, tq), -1, dtype=torch.long, device=a.device)
@@ -583,7 +447,17 @@ class Engine:
         kcol = torch.arange(end, device=a.device)
         allowed = (kcol <= qcol[..., None]) & (valid[:, None, :] | (kcol == qcol[..., None]))
         allowed |= (qcol[..., None] < 0) & (kcol == 0)  # empty packing slots: keep them finite, discard later
-        o = self._attend(qp.transpose(1, 2), k, v, allowed, False)
-        o = o.transpose(1, 2)[inv, slot].reshape(a.numel(), H * hd)
-        ctx = (allowed[inv, slot].sum()).float()
-        return o, ctx
+        o = attend(qp.transpose(1, 2), k, v, allowed, False)
+        o = o.transpose(1, 2)[inv, slot].reshape(na, H * hd)
+        x = x.reshape(B * T, D).index_add(0, a, self.lin(o, w.wo)).view(B, T, D)
+        return x, allowed[inv, slot].sum().float()
+
+    def _ffn_rows(self, w: LayerWeights, x: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
+        """The FFN for the rows ``f`` (every row when None), gathered, run and added back."""
+        if f is not None and not f.numel():
+            return x
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)
+        if f is None or f.numel() == B * T:  # every row runs it: no gather, no scatter (x + m either way, same bits)
+            return self.steps.ffn(w, xf).view(B, T, D)
+        return xf.index_add(0, f, w.mlp(rms_norm(xf[f], w.ln2, self.cfg.rms_norm_eps))).view(B, T, D)

@@ -1,4 +1,4 @@
-// ponder's fused decode steps: the Python layer halves of forward.py issued from C++, with the same bits. Why: at
+// ponder's fused decode steps: the reference layer halves of engine/steps.py issued from C++, with the same bits. Why: at
 // batch 1 a decode layer half is ~10-20 small tensor calls on a 256-wide model, and the interpreter's share of each
 // call (argument parsing, view bookkeeping, the dispatcher entry) costs as much as the arithmetic. Matmuls, sums and
 // softmax stay ATen calls. For float32 the purely elementwise parts (the tail of rms_norm, rotary embedding, cache
@@ -96,7 +96,7 @@ static Tensor rope_split(const Tensor& src, const Tensor& cos, const Tensor& sin
   return r.slice(1, 0, split);
 }
 
-// Engine._attend: q (B, H, Tq, hd) against k, v (B, Hk, Tk, hd); mask (B, Tq, Tk) boolean or absent. Up to
+// steps.attend: q (B, H, Tq, hd) against k, v (B, Hk, Tk, hd); mask (B, Tq, Tk) boolean or absent. Up to
 // `small_tq` queries with a mask, or one query, as two batched matmuls; otherwise SDPA.
 static Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask0,
                      bool is_causal, int64_t small_tq) {
@@ -116,7 +116,7 @@ static Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const st
                                           H != Hk);
 }
 
-// Engine._decode_attn: one new token per row, x (B, D); writes the row's K/V at column `start` and returns x plus the
+// PythonSteps.attn for one new token per row, x (B, D); writes the row's K/V at column `start` and returns x plus the
 // attention output. `mask` (B, 1, end) boolean or absent; `end` = start + 1 unless the cache has holes beyond.
 Tensor decode_attn(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wqkv,
                    const std::optional<Tensor>& bqkv, const Tensor& wo, const Tensor& cos, const Tensor& sin,
@@ -130,7 +130,7 @@ Tensor decode_attn(const Tensor& x, const Tensor& ln1, double eps, const Tensor&
   return x + ponder::linear(o, wo);
 }
 
-// Engine._dense_attn_rows for T new tokens per row, x (B, T, D) (prefill, scoring, speculative verification): writes
+// PythonSteps.attn for T new tokens per row, x (B, T, D) (prefill, scoring, speculative verification): writes
 // columns [start, end) and returns x plus the attention output.
 Tensor attn_rows(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wqkv, const std::optional<Tensor>& bqkv,
                  const Tensor& wo, const Tensor& cos, const Tensor& sin, const Tensor& ck, const Tensor& cv,
@@ -147,8 +147,8 @@ Tensor attn_rows(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
   return x + ponder::linear(o.transpose(1, 2).reshape({B, T, qdim}), wo);
 }
 
-// Engine._row_kv plus the cache write, for one new token per row (a row that skips the layer but leaves K/V, plan
-// kv="compute"): writes column `start` and returns the normed rows (the rows that do attend reuse them).
+// PythonSteps.kv_column (steps.row_kv plus the cache write), one new token per row (a row that skips the layer but
+// leaves K/V, plan kv="compute"): writes column `start` and returns the normed rows (the rows that do attend reuse them).
 Tensor decode_kv(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wkv, const std::optional<Tensor>& bkv,
                  const std::optional<Tensor>& k_norm, const Tensor& cos, const Tensor& sin, const Tensor& ck,
                  const Tensor& cv, int64_t start, int64_t Hk, int64_t hd) {
@@ -168,25 +168,11 @@ Tensor ffn(const Tensor& x, const Tensor& ln2, double eps, const Tensor& wgu, co
   return x + ponder::linear(at::silu(gu[0]) * gu[1], wd);
 }
 
-// FFNSkipPlanner's one-token saturation check: [p.p,] p.x and x.x as the float32 sums the Python check computes
-// ((p * p).sum(-1), (stack(p, x) * x).sum(-1)), widened to double exactly as .item() / .tolist() do.
-std::vector<double> sat_dots(const Tensor& p, const Tensor& x, bool with_pp) {
-  Tensor pf = p.to(at::kFloat), xf = x.to(at::kFloat);
-  std::vector<double> out;
-  if (with_pp) out.push_back((pf * pf).sum(-1).item<double>());
-  Tensor px_xx = (at::stack({pf, xf}) * xf).sum(-1).view({2});
-  const float* d = px_xx.data_ptr<float>();
-  out.push_back(static_cast<double>(d[0]));
-  out.push_back(static_cast<double>(d[1]));
-  return out;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attn", &decode_attn);
   m.def("ffn", &ffn);
   m.def("decode_kv", &decode_kv);
   m.def("attn_rows", &attn_rows);
-  m.def("sat_dots", &sat_dots);
   m.def("linear", &ponder::linear, "x W^T (+ b): the few-rows kernel for 3..max_rows rows, ATen otherwise",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());
   m.def("set_isa", &ponder::set_isa);

@@ -25,12 +25,19 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.forward import Engine, PlannerBase, StepContext, saturation_sums
+from ..engine.forward import Engine, PlannerBase, StepContext
 from ..engine.plan import LayerPlan
 from ..errors import PonderError
 from .base import layer_flops_share
 from .budget import ThresholdPolicy
 from .registry import register
+
+
+def saturation_sums(p: torch.Tensor, x: torch.Tensor, with_pp: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per row of states ``p`` and ``x`` (..., D): ``p.p`` (or None) and the stacked ``[p.x, x.x]`` (2, ...), as
+    float32 sums. One definition whether a batch asks or one token does, so both decide alike."""
+    pf, xf = p.float(), x.float()
+    return ((pf * pf).sum(-1) if with_pp else None), (torch.stack((pf, xf)) * xf).sum(-1)
 
 
 class FFNSkipPlanner(PlannerBase):
@@ -64,7 +71,7 @@ class FFNSkipPlanner(PlannerBase):
                 self.skipping, self.eligible = None, ctx.positions >= self.warmup
         elif i < self.hi and i >= max(self.lo, 1) and not (self.sticky and self.n_skipping == N):
             # (sticky and every row already skipping: nothing left to decide, so nothing is computed)
-            hit = self._saturated(x, N, ctx.engine)
+            hit = self._saturated(x, N)
             if ctx.stats is not None:
                 ctx.stats.add_overhead(6.0 * self.D * N)
             if N == 1:
@@ -84,17 +91,16 @@ class FFNSkipPlanner(PlannerBase):
             return self._all
         return LayerPlan.from_masks(None, ~self.skipping)
 
-    def _saturated(self, x: torch.Tensor, N: int, engine: Engine) -> torch.Tensor | bool:
+    def _saturated(self, x: torch.Tensor, N: int) -> torch.Tensor | bool:
         """cos(state entering the previous layer, state entering this one) >= threshold, past warm-up."""
-        if N == 1:
-            d = engine.sat_dots(self.prev, x, self.prev_sq is None)  # [[prev . prev,] prev . x, x . x]
-            if self.prev_sq is None:
-                self.prev_sq = d[0]
-            px, xx = d[-2], d[-1]
+        pp, px_xx = saturation_sums(self.prev, x, self.prev_sq is None)
+        if N == 1:  # decide in Python from two floats
+            if pp is not None:
+                self.prev_sq = pp.item()
+            px, xx = px_xx.view(2).tolist()
             cos = px / max(math.sqrt(self.prev_sq * xx), 1e-12)
             self.prev_sq = xx
             return cos >= self.thr and self.eligible
-        pp, px_xx = saturation_sums(self.prev, x, self.prev_sq is None)
         if pp is not None:
             self.prev_sq = pp.double()
         px, xx = px_xx.double()  # [prev . x, x . x]
