@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 import ponder
@@ -65,8 +66,11 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
+    ap.add_argument("--freezing", action="store_true", help="inductor freezing: weights become constants (prepacked)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.freezing:
+        torch._inductor.config.freezing = True
     torch.set_num_threads(a.threads)
     eng = ponder.load(a.model)
     if eng.steps.name != "cpp":
@@ -114,7 +118,7 @@ def main() -> int:
     t = timing.interleaved(fns, warmup=1, repeats=5, min_seconds=2.0, max_repeats=15)
     ms = {n: {k: round(1e3 * v[k] / a.decode, 3) for k in ("median", "min", "max")} for n, v in t.items()}
     out = {"env": envinfo.environment(eng.device, eng.dtype), "model": a.model, "prefix": P, "decode": a.decode,
-           "torch": torch.__version__, "mode": a.mode, "compile_s": round(compile_s, 1), "ms_per_token": ms,
+           "torch": torch.__version__, "mode": a.mode, "freezing": a.freezing, "compile_s": round(compile_s, 1), "ms_per_token": ms,
            "compiled_vs_fused": round(ms["compiled"]["median"] / ms["fused"]["median"], 3),
            "python_vs_fused": round(ms["python"]["median"] / ms["fused"]["median"], 3),
            "greedy_equal_compiled": got == want, "greedy_equal_python": engine_decode(ref_steps)() == want}
