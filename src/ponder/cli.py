@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from .api import load
+from .encoders import cli as embed_cli
+from .engine.generate import SamplingConfig
+from .engine.stats import Stats
 from .errors import PonderError
+from .eval import bench_cli
+from .eval.bench import repo_data
+from .eval.metrics import evaluate_text, read_text
+from .eval.prompts import write_instruct
+from .models.catalog import available
+from .models.gguf_tokenizer import render_chat
+from .policies import registry
+from .policies.calibration import calibration_ids
+from .policies.spec import parameters
+from .train import data
+from .train.recipe import main as train_main
 
 
 def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
@@ -25,10 +43,6 @@ def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    import torch
-
-    from .api import load
-
     if args.threads:
         torch.set_num_threads(args.threads)
     eng = load(args.model, dtype=args.dtype, device=args.device)
@@ -38,8 +52,6 @@ def _setup(args: argparse.Namespace):
 
 
 def _policy(args: argparse.Namespace, engine):
-    from .policies import registry
-
     pol = registry.get(args.policy, args.budget)
     calibrate(pol, engine)
     return pol
@@ -47,8 +59,6 @@ def _policy(args: argparse.Namespace, engine):
 
 def calibrate(pol, engine) -> None:
     """Calibrate on the shipped calibration text (never the evaluation data)."""
-    from .policies.calibration import calibration_ids
-
     pol.calibrate(engine, calibration_ids(engine))
 
 
@@ -75,9 +85,6 @@ def chat_messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .engine.generate import SamplingConfig
-    from .engine.stats import Stats
-
     n_given = sum(x is not None for x in (args.prompt, args.chat, args.chat_file))
     if n_given != 1:
         raise PonderError("give exactly one of --prompt TEXT, --chat TEXT or --chat-file FILE")
@@ -87,8 +94,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eng = _setup(args)
     pol = _policy(args, eng)
     if msgs is not None:
-        from .models.gguf_tokenizer import render_chat
-
         if not eng.chat_template:
             raise PonderError(f"model {args.model} has no chat template; use --prompt TEXT instead of --chat")
         prompt_text = render_chat(eng.chat_template, msgs, add_generation_prompt=True)
@@ -136,15 +141,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.metrics import evaluate_text, read_text
-
     text = read_text(args.data)
     eng = _setup(args)
     pol = _policy(args, eng)
     bar = None
     if not args.json:
-        from tqdm import tqdm
-
         bar = tqdm(desc="scoring", unit="win", file=sys.stderr, dynamic_ncols=True)
     r = evaluate_text(eng, text, pol, window=args.window, stride=args.stride,
                       progress=(bar.update if bar is not None else None))
@@ -162,11 +163,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .policies import registry
-    from .policies.spec import parameters
-
     rows = []
     for n in registry.names():
         cls = registry._REGISTRY[n]
@@ -188,8 +184,6 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models.catalog import available
-
     rows = available()
     if args.json:
         print(json.dumps(rows))
@@ -204,23 +198,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.recipe import main as train_main
-
     return train_main(args.rest)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .train import data
-
     if args.action == "build":
         m = data.build_all(Path(args.out))
         print(json.dumps({k: m[k] for k in ("sha256", "bytes", "documents") if k in m}))
     elif args.action == "eval":
         data.build_eval(Path(args.out))
     elif args.action == "instruct":
-        from .eval.bench import repo_data
-        from .eval.prompts import write_instruct
-
         print(write_instruct(repo_data("code.txt"), repo_data("prose.txt"), args.out))
     return 0
 
@@ -261,30 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["build", "eval", "instruct"])
     d.add_argument("--out", required=True)
     d.set_defaults(fn=cmd_data)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    bench_cli.add_subcommand(sub)  # bench, report
+    embed_cli.add_subcommand(sub)  # embed
     return ap
 
 
-_EXTRA_COMMANDS: list[Any] = []  # later modules (bench, report, embed) add their subcommands here
-
-
-def _load_extras() -> None:
-    import importlib
-
-    for mod in ("ponder.eval.bench_cli", "ponder.encoders.cli"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if not (e.name and mod.startswith(e.name)):
-                raise
-            continue
-        if m.add_subcommand not in _EXTRA_COMMANDS:  # main() may run more than once in a process
-            _EXTRA_COMMANDS.append(m.add_subcommand)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _load_extras()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

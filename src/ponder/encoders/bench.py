@@ -12,7 +12,7 @@ Per (policy, budget) point, on the same loaded weights in one process:
 
 ``dense-control`` times dense against dense the same way: its speedup must read ~1.0, or the machine was too noisy
 to trust the others. Rows go to OUT/results.jsonl (resumable: a rerun skips finished points) and the report to
-OUT/report.{html,md} through ``ponder.eval.report`` (this package's ``report.build_sections``).
+OUT/report.{html,md} through ``ponder.eval.report.build`` (this package's ``report.build_sections``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import torch
 
 from ..errors import PonderError
 from ..eval import envinfo, timing
-from ..eval.bench_cli import print_summary
-from ..eval.report import build_report
-from ..eval.sweep import NOISE_BAND, ResultsFile, parse_budgets, point_key, progress, settings_hash
+from ..eval.report.build import build_report
+from ..eval.sweep import NOISE_BAND, ResultsFile, parse_budgets, point_key, print_summary, progress, settings_hash
 from ..models.bert import attn_block, embed_tokens, ffn_block, key_bias, pool
 from ..policies.spec import parse_policy
 from .api import calibration_seqs, encode_ids, get_policy, load_encoder, tokenize
@@ -67,8 +66,6 @@ class EmbedSettings:
 
 class EmbedBench:
     def __init__(self, model: str, settings: EmbedSettings, out_dir: str | Path, show_progress: bool = True):
-
-
         self.s = settings
         self.eng = load_encoder(model)
         self.model_id = "minilm" if self.eng.name == "minilm" else str(self.eng.path)
@@ -100,7 +97,6 @@ class EmbedBench:
 
     # ---- pieces ------------------------------------------------------------------------------------------------
     def embed_all(self, pol) -> dict[str, Any]:
-
         st = EncoderStats(self.eng.cfg)
         p = encode_ids(self.eng, self.p_seqs, pol, self.s.batch, st)
         sq = EncoderStats(self.eng.cfg)
@@ -109,7 +105,6 @@ class EmbedBench:
 
     def dense(self) -> dict[str, Any]:
         if self._dense is None:
-
             d = self.embed_all(None)
             d["top"] = rank_topk(d["q"], d["p"], 10)
             d["recall"] = recall_at_k(d["top"], self.gold)
@@ -117,8 +112,6 @@ class EmbedBench:
         return self._dense
 
     def quality(self, pol) -> dict[str, Any]:
-
-
         d = self.dense()
         r = self.embed_all(pol)
         cos = torch.nn.functional.cosine_similarity(r["p"], d["p"], dim=-1).double()
@@ -144,7 +137,6 @@ class EmbedBench:
         def fn(p, seqs, bs):
             return lambda: encode_ids(self.eng, seqs, p, bs)
 
-
         s = self.s
         out: dict[str, Any] = {"timings": {}, "loadavg_before": os.getloadavg()[0]}
         for tag, seqs, bs in (("b32", self.t32, 32), ("b1", self.t1, 1)):
@@ -165,7 +157,6 @@ class EmbedBench:
     def stage_cos(self, n: int = 128) -> list[dict[str, Any]]:
         """Why tokens cannot leave early: per stage, the cosine between the embedding pooled from that stage's
         states (as they are, and through the calibrated affine map) and the real embedding, on n passages."""
-
 
         eng = self.eng
         maps = eng.extrapolators(calibration_seqs(eng))
@@ -201,7 +192,6 @@ class EmbedBench:
 
     # ---- rows --------------------------------------------------------------------------------------------------
     def dense_rows(self) -> list[dict[str, Any]]:
-
         t0 = time.perf_counter()
         dense = registry.get("dense", 1.0)
         row = self.base_row("dense", 1.0)
@@ -224,7 +214,6 @@ class EmbedBench:
         return [row, ctl]
 
     def policy_row(self, spec: str, budget: float) -> dict[str, Any]:
-
         t0 = time.perf_counter()
         name, kw = parse_policy(spec)
         pol = get_policy(self.eng, name, budget, **kw)
@@ -243,7 +232,6 @@ class EmbedBench:
         return row
 
     def run(self, policies: list[str], budgets: list[float], write_report: bool = True) -> dict[str, Any]:
-
         t0 = time.perf_counter()
         todo: list[tuple[str, float]] = []
         for spec in policies:
@@ -278,23 +266,18 @@ class EmbedBench:
         bar.close()
         report: list[str] = []
         if write_report:
-
             report = [str(p) for p in build_report(self.out.dir)]
         return {"written": written, "skipped": skipped, "failed": failed, "results": str(self.out.path),
                 "report": report, "seconds": time.perf_counter() - t0}
 
 
 def _data_id() -> str:
-
     m = data_dir() / "manifest.json"
     return json.loads(m.read_text())["sha256"]["passages.jsonl"][:12] if m.is_file() else "missing"
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """The ``--task embed`` branch of ``ponder bench`` (dispatched by ``ponder.eval.bench_cli.TASKS``)."""
-    import torch
-
-
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     model = args.model if args.model is not None else "minilm"
@@ -317,5 +300,4 @@ def run_cli(args: argparse.Namespace) -> int:
         raise PonderError("the embed bench runs on CPU only")
     bench = EmbedBench(model, s, args.out, show_progress=not args.no_progress and not args.json)
     summary = bench.run(policies, budgets, write_report=not args.no_report)
-
     return print_summary(summary, args.json, "embed bench", "row(s) written", headline)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -127,8 +128,6 @@ class Output:
         return raw[:keep].count(b"\n")
 
     def write(self, start: int, emb, texts_meta: list[dict[str, Any]]) -> None:
-        import numpy as np
-
         arr = np.ascontiguousarray(emb, dtype=np.float32)
         if self.kind == "stdout-text":
             for k, (v, m) in enumerate(zip(arr, texts_meta)):
@@ -157,8 +156,6 @@ class Output:
         if self.path is None:
             return
         if self.kind == "npy":
-            import numpy as np
-
             arr = np.fromfile(self.data, dtype=np.float32).reshape(total, self.meta["dim"])
             tmp = self.path.with_name(self.path.name + ".tmp.npy")
             np.save(tmp, arr)

@@ -1,4 +1,4 @@
-"""The embed section of the bench report (``ponder.eval.report.BUILDERS["embed"]``).
+"""The embed section of the bench report (``ponder.eval.report.build.BUILDERS["embed"]``).
 
 ``build_sections(rows)`` returns (title, [(heading, html)], markdown): verdicts (A/A control, the issue's target),
 the table of every point, the frontier of every policy (quality against measured speedup and against FLOPs), and

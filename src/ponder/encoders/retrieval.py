@@ -14,10 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import PonderError
 
@@ -177,8 +181,6 @@ def _cut_query(text: str, key: str) -> tuple[str, str] | None:
 
 def _docs_version(root: Path) -> str:
     """The documentation package the passages were cut from (Debian python3.11-doc), for the manifest."""
-    import subprocess
-
     try:
         v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "python3.11-doc"], capture_output=True, text=True,
                            timeout=10).stdout.strip()
@@ -267,8 +269,6 @@ def calib_texts() -> list[str]:
 # ---- metrics --------------------------------------------------------------------------------------------------------
 def rank_topk(q, p, k: int = 10):
     """Indices (Q, k) of the k passages with the highest dot product (embeddings are normalised: cosine)."""
-    import torch
-
     return torch.topk(q @ p.T, k, dim=1).indices
 
 
@@ -284,6 +284,4 @@ def overlap_at_k(top, ref_top) -> float:
 
 
 if __name__ == "__main__":  # python -m ponder.encoders.retrieval [OUT]
-    import sys
-
     print(json.dumps(build_retrieval(Path(sys.argv[1]) if len(sys.argv) > 1 else None), indent=1))

@@ -39,7 +39,7 @@ from . import envinfo, quality, timing
 from .metrics import evaluate_text, read_text, text_ids
 from .peers import LLAMACPP_F32, LLAMACPP_FILE, PEER, llamacpp_row, transformers_row
 from .prompts import load_instruct
-from .report import build_report
+from .report.build import build_report
 from .sweep import NOISE_BAND, ResultsFile, point_key, progress, settings_hash
 
 CONTROL = "dense-control"

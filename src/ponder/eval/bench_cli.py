@@ -1,55 +1,39 @@
-"""The ``ponder bench`` and ``ponder report`` subcommands (picked up by ``ponder.cli`` automatically).
+"""The ``ponder bench`` and ``ponder report`` subcommands (registered by ``ponder.cli``).
 
-``--task`` selects what is benchmarked. ``lm`` (the default) is implemented here; other tasks are looked up in
-``TASKS`` as ``"module:function"`` and called with the parsed arguments (returning an exit status), so the encoder
-bench can live in its own package and reuse ``timing``, ``envinfo``, ``sweep`` and ``report``. ``--model`` defaults
-to None so each task picks its own default model; ``--policies`` / ``--budgets`` are None when not given.
+``--task`` selects what is benchmarked: ``lm`` (the default, ``run_lm`` here) or ``embed`` (the encoder bench,
+``ponder.encoders.bench.run_cli``, which reuses ``timing``, ``envinfo``, ``sweep`` and ``report``); ``TASKS`` maps
+each name to its function, called with the parsed arguments and returning an exit status. ``--model`` defaults to
+None so each task picks its own default model; ``--policies`` / ``--budgets`` are None when not given.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..encoders.bench import run_cli as run_embed
 from ..errors import PonderError
 from ..models.catalog import DEFAULT_MODEL
+from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, default_policies, profile_settings, run_lm_bench
+from .report.build import build_report
 from .report.page import md_headline
+from .sweep import RESULTS, parse_budgets, print_summary
 
-TASKS: dict[str, str] = {
-    "lm": "ponder.eval.bench_cli:run_lm",
-    "embed": "ponder.encoders.bench:run_cli",
-}
 DEFAULT_OUT = "bench-results"
 
 
-def _task_fn(task: str) -> Callable[[argparse.Namespace], int]:
-    if task not in TASKS:
-        raise PonderError(f"unknown --task {task!r}; choose one of: {', '.join(TASKS)}")
-    mod, fn = TASKS[task].split(":")
-    try:
-        m = importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-        if e.name and mod.startswith(e.name):
-            raise PonderError(f"--task {task} is not available in this installation ({mod} is missing)") from None
-        raise
-    return getattr(m, fn)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    return _task_fn(args.task)(args)
+    if args.task not in TASKS:
+        raise PonderError(f"unknown --task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[args.task](args)
 
 
 def run_lm(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, default_policies, profile_settings, run_lm_bench
-    from .sweep import parse_budgets
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.policies in (None, "", "all"):
@@ -84,28 +68,10 @@ def run_lm(args: argparse.Namespace) -> int:
     return print_summary(summary, args.json, "bench", "point(s) measured", md_headline)
 
 
-def print_summary(summary: dict[str, Any], as_json: bool, what: str, unit: str,
-                  headline: Callable[[str], str]) -> int:
-    """The end of a bench run on the terminal (one JSON object with --json); exit status 1 if a point failed."""
-    if as_json:
-        print(json.dumps(summary))
-    else:
-        print(f"{what}: {summary['written']} {unit}, {summary['skipped']} already present, "
-              f"{len(summary['failed'])} failed, {summary['seconds']:.0f} s; results in {summary['results']}")
-        for f in summary["failed"]:
-            print(f"  failed: {f}")
-        if summary.get("report"):
-            md = Path(summary["report"][-1])
-            if md.suffix == ".md" and md.is_file():
-                print(headline(md.read_text()))
-            print("report: " + ", ".join(summary["report"]))
-    return 1 if summary["failed"] else 0
+TASKS: dict[str, Callable[[argparse.Namespace], int]] = {"lm": run_lm, "embed": run_embed}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
-    from .sweep import RESULTS
-
     d = Path(args.dir)
     if not (d / RESULTS).is_file():
         raise PonderError(f"{d} holds no {RESULTS}; run `ponder bench --out {d}` first")
@@ -157,5 +123,3 @@ def add_subcommand(sub: Any) -> None:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_report)
 
-
-_ = sys

@@ -11,12 +11,16 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..engine import fused
 
 ATTENTION_IMPL = "torch.nn.functional.scaled_dot_product_attention"
 
@@ -61,8 +65,6 @@ def git_commit() -> str | None:
 
 def ponder_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("ponder")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         return "unknown"
@@ -70,8 +72,6 @@ def ponder_version() -> str:
 
 def _pkg_version(name: str) -> str | None:
     try:
-        from importlib.metadata import version
-
         return version(name)
     except Exception:  # noqa: BLE001
         return None
@@ -80,8 +80,6 @@ def _pkg_version(name: str) -> str | None:
 def _layer_steps(dev: torch.device) -> str:
     if dev.type != "cpu":
         return "python"
-    from ..engine import fused
-
     return fused.status()
 
 
@@ -173,8 +171,6 @@ def rss_peak_bytes() -> int | None:
     except OSError:
         pass
     try:
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     except Exception:  # noqa: BLE001
         return None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..engine.forward import Engine
-from ..engine.generate import SamplingConfig
+from ..engine.generate import SamplingConfig, generate
 from ..engine.stats import Stats
 from ..errors import PonderError
 
@@ -107,8 +107,6 @@ def greedy(engine: Engine, policy: Any, prompts: list[list[int]], new_tokens: in
     for p in prompts:
         st = new_stats(engine, record_tokens=True)
         if policy is None:
-            from ..engine.generate import generate
-
             res = generate(engine, [p], sc, None, st)
         else:
             res = policy.generate(engine, [p], sc, st)
@@ -197,8 +195,6 @@ def probe_accuracy(engine: Engine, policy: Any, probes: list[dict[str, Any]], ne
     order = sorted(range(len(probes)), key=lambda i: len(enc[i]))
     sc = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, stop_tokens=())
     correct = [False] * len(probes)
-    from ..engine.generate import generate
-
     for s in range(0, len(order), bs):
         idx = order[s:s + bs]
         prompts = [enc[i] for i in idx]

@@ -13,9 +13,12 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from ..errors import PonderError
 
@@ -53,13 +56,8 @@ def point_key(row: dict[str, Any]) -> tuple:
 
 
 def _json_default(o: Any) -> Any:
-    try:
-        import torch
-
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "item"):
@@ -149,14 +147,9 @@ class ResultsFile:
 
 
 def progress(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on stderr (a no-op object when disabled or tqdm is missing)."""
+    """A tqdm bar on stderr (a no-op object when disabled)."""
     if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="pt", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:  # pragma: no cover
-            pass
+        return tqdm(total=total, desc=desc, unit="pt", file=sys.stderr, dynamic_ncols=True)
 
     class _Null:
         def update(self, n: int = 1) -> None: ...
@@ -166,3 +159,21 @@ def progress(total: int, desc: str, enabled: bool = True):
         def close(self) -> None: ...
 
     return _Null()
+
+
+def print_summary(summary: dict[str, Any], as_json: bool, what: str, unit: str,
+                  headline: Callable[[str], str]) -> int:
+    """The end of a bench run on the terminal (one JSON object with --json); exit status 1 if a point failed."""
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print(f"{what}: {summary['written']} {unit}, {summary['skipped']} already present, "
+              f"{len(summary['failed'])} failed, {summary['seconds']:.0f} s; results in {summary['results']}")
+        for f in summary["failed"]:
+            print(f"  failed: {f}")
+        if summary.get("report"):
+            md = Path(summary["report"][-1])
+            if md.suffix == ".md" and md.is_file():
+                print(headline(md.read_text()))
+            print("report: " + ", ".join(summary["report"]))
+    return 1 if summary["failed"] else 0

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import PonderError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -139,10 +141,8 @@ class ModelConfig:
         return 4 * self.num_attention_heads * self.head_dim * context
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:  # noqa: F821
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies, with Llama 3.x ("llama3") and linear rope scaling applied as transformers does."""
-    import torch
-
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     rs = cfg.rope_scaling

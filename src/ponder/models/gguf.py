@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
 
 from ..errors import PonderError
 from .config import ModelConfig
@@ -66,8 +68,6 @@ class GGUFInfo:
 
 
 def _reader(path: Path):
-    import gguf
-
     try:
         return gguf.GGUFReader(str(path), "r")
     except (ValueError, IndexError, KeyError, OSError, AssertionError, TypeError) as e:
@@ -179,8 +179,6 @@ def check_memory(need: int, what: str) -> None:
 
 def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], GGUFInfo, ModelConfig]:
     """Dequantised float32 tensors under Hugging Face names, the file's info, and its ModelConfig."""
-    from gguf.quants import dequantize
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise PonderError(f"GGUF file {p} does not exist" if not p.exists() else f"{p} is not a file")
@@ -248,8 +246,6 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfi
     """Write float32 weights (Hugging Face names) as an F32 GGUF with ``fields``' tokenizer and chat metadata: the
     file llama.cpp runs in the bench's same-weights peer row. Written to a temporary name and renamed, so an
     interrupted write never leaves a half file behind."""
-    import gguf
-
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".part")
@@ -300,8 +296,6 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfi
 
 
 def _add_field(w: Any, key: str, v: Any) -> None:
-    import gguf
-
     if isinstance(v, bool):
         w.add_bool(key, v)
     elif isinstance(v, int):

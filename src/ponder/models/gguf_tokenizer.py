@@ -22,6 +22,13 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Tok
+
 from ..errors import PonderError
 from .tokenizer import Tokenizer
 
@@ -116,8 +123,6 @@ def _tokens_and_types(fields: Mapping[str, Any]) -> tuple[list[str], list[int]]:
 def _add_special(tok: Any, tokens: list[str], types: list[int]) -> None:
     """CONTROL (and UNKNOWN) tokens become special added tokens, USER_DEFINED plain added tokens: llama.cpp
     matches both whole in the text, so without this "<|im_start|>" would be cut into "<", "|", "im", ..."""
-    from tokenizers import AddedToken
-
     special = [AddedToken(t, special=True, normalized=False)
                for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
@@ -128,9 +133,6 @@ def _add_special(tok: Any, tokens: list[str], types: list[int]) -> None:
 
 
 def _build_bpe(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> tuple[Any, str]:
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as _Tok
-
     pre = fields.get("tokenizer.ggml.pre")
     pre = "default" if pre in (None, "") else str(pre)
     if pre not in _PRE_TYPES:
@@ -181,9 +183,6 @@ def _spm_merges(tokens: list[str], scores: Sequence[float], types: list[int]) ->
 
 
 def _build_spm(fields: Mapping[str, Any], tokens: list[str], types: list[int]) -> Any:
-    from tokenizers import Tokenizer as _Tok
-    from tokenizers import decoders, models, normalizers
-
     scores = fields.get("tokenizer.ggml.scores")
     if scores is None or len(scores) < len(tokens):
         raise PonderError("GGUF llama tokenizer needs tokenizer.ggml.scores for every token; re-export the file")
@@ -289,11 +288,6 @@ def _compile(template: str) -> Any:
     """Compile like transformers' apply_chat_template: sandboxed (templates come from files we did not write),
     trim_blocks/lstrip_blocks, loop controls, {% generation %}, raise_exception, tojson without HTML escaping,
     strftime_now."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class _Generation(Extension):
         # transformers' {% generation %} marks assistant text for masks; rendering just keeps the body
         tags = {"generation"}
@@ -347,8 +341,6 @@ def render_chat(template: str, messages: list[dict[str, Any]], add_generation_pr
                 bos_token: str = "", eos_token: str = "") -> str:
     """The prompt text a chat template makes of ``messages``, rendered as transformers' apply_chat_template does
     (same sandbox and helpers), so a GGUF's ``tokenizer.chat_template`` gives the prompt the model was tuned on."""
-    import jinja2
-
     if not isinstance(template, str) or not template:
         raise PonderError("chat template must be a non-empty string; the GGUF has no tokenizer.chat_template?")
     compiled = _compile(template)

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..errors import PonderError
 from .config import ModelConfig, rope_inv_freq
@@ -25,9 +27,6 @@ def _convert_hint(folder: Path) -> str:
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.is_file():

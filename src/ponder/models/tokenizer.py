@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Tokenizer as _Tok
+
 from ..errors import PonderError
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer as _Tok
-
         p = Path(path)
         if not p.is_file():
             raise PonderError(f"{p} not found; a checkpoint folder needs tokenizer.json")

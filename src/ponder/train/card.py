@@ -21,6 +21,7 @@ from ..api import load
 from ..engine.generate import SamplingConfig, generate
 from ..eval.lens import logit_lens
 from ..eval.metrics import evaluate_text, read_text, text_ids
+from ..eval.quality import load_probes, probe_accuracy
 
 # Prompts end mid-line: byte-level BPE merges a newline with the indentation after it, so a prompt ending in a bare
 # newline is a token split the model never saw in training.
@@ -74,8 +75,6 @@ def build_card(model: Path, run: Path, corpus: Path, data: Path, out: Path) -> d
                          "perplexity": round(r["perplexity"], 3), "tokens": r["tokens_scored"], "bytes": r["bytes"],
                          "eval_s": round(time.perf_counter() - t0, 1)}
     card["heldout"] = heldout
-    from ..eval.quality import load_probes, probe_accuracy
-
     pr = probe_accuracy(eng, None, load_probes(data / "probes.jsonl"))
     card["probes"] = {"exact_match": pr["probe_exact_match"], "n": pr["probes"],
                       "correct": sum(pr["probe_correct"]), "by_kind": pr["probe_by_kind"],

@@ -26,16 +26,21 @@ import hashlib
 import html
 import io
 import json
+import keyword
 import os
 import re
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import tokenize
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ponder.errors import PonderError
 
@@ -508,8 +513,6 @@ def train_tokenizer(corpus_path: Path, out_path: Path, vocab_size: int = 8192) -
     exactly; ``<|endoftext|>`` is added first so it is id 0 and is never split. Trained on the documents, not the
     raw file, so the separator does not earn merges of its own.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 300 or vocab_size > 65536:
         raise PonderError(f"vocab_size must be between 300 and 65536 (uint16 token files), got {vocab_size}")
     if not Path(corpus_path).is_file() or Path(corpus_path).stat().st_size == 0:
@@ -533,8 +536,6 @@ def train_tokenizer(corpus_path: Path, out_path: Path, vocab_size: int = 8192) -
 
 def load_tokenizer(path: Path):
     """The ``tokenizers.Tokenizer`` saved by :func:`train_tokenizer`, with a one-line error if it is missing."""
-    from tokenizers import Tokenizer
-
     if not Path(path).is_file():
         raise PonderError(f"tokenizer not found: {path}")
     return Tokenizer.from_file(str(path))
@@ -556,8 +557,6 @@ def tokenize_corpus(corpus_path: Path, tokenizer_path: Path, out_dir: Path, val_
     The split is by whole documents, chosen by a hash of the document text, so validation never shares a
     document with training. Documents are encoded in small batches and appended to disk, keeping memory flat.
     """
-    import numpy as np
-
     if not 0.0 <= val_fraction < 1.0:
         raise PonderError(f"val_fraction must be in [0, 1), got {val_fraction}")
     tok = load_tokenizer(Path(tokenizer_path))
@@ -675,9 +674,6 @@ def _probe_candidates(relpath: str, text: str, api_counts: dict[str, int]) -> li
     the prompt, plus ``if __name__ == "__main__":``. Identifier answers carry the next punctuation character, so
     the prefix rule cannot accept ``_foo`` for ``_foobar``.
     """
-    import keyword
-    import tokenize
-
     out: list[dict] = []
     line_offsets = [0]
     for line in text.splitlines(keepends=True):

@@ -13,6 +13,7 @@ Distributed runs use ``torchrun`` (DDP; gloo on CPU, NCCL on GPU). Rank 0 writes
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from ..errors import PonderError
 from ..models.config import ModelConfig
@@ -150,8 +153,6 @@ def _opt_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str,
 
 def save_checkpoint(path: Path, model: LlamaModel, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int,
                     extra: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -166,8 +167,6 @@ def save_checkpoint(path: Path, model: LlamaModel, opt: torch.optim.Optimizer, c
 
 
 def load_checkpoint(path: Path, model: LlamaModel, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(path / "model.safetensors")
@@ -193,8 +192,6 @@ def load_checkpoint(path: Path, model: LlamaModel, opt: torch.optim.Optimizer, c
 
 def export_hf(model: LlamaModel, cfg: TrainConfig, out: Path, tokenizer: Path | None) -> None:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer.json, generation_config.json)."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.export_dtype]
     sd = {k: v.detach().to(dt).contiguous() for k, v in model.state_dict().items()}
@@ -280,8 +277,6 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, stop_aft
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bar = None
     if rank == 0 and progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
     tokens = tokens_before
@@ -386,8 +381,6 @@ def plot_loss(log_path: Path, png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="ponder train", description="Train a small Llama model with ponder's recipe.")
     ap.add_argument("--config", required=True, help="TOML file with TrainConfig fields")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")

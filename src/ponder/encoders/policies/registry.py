@@ -7,6 +7,7 @@ from typing import Any
 
 from ...errors import PonderError
 from ...policies.registry import import_policy_modules
+from ...policies.spec import build
 from .base import EncoderPolicy
 
 _REGISTRY: dict[str, type[EncoderPolicy]] = {}
@@ -35,6 +36,4 @@ def policy_class(name: str) -> type[EncoderPolicy]:
 
 
 def get(name: str, budget: float = 1.0, **kw: Any) -> EncoderPolicy:
-    from ...policies.spec import build
-
     return build(policy_class(name), name, budget, kw)

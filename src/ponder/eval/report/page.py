@@ -7,6 +7,7 @@ by any task's report (``Column`` + ``table_html`` / ``table_md`` + ``html_page``
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -92,8 +93,6 @@ class Markup(str):
 def _md_cell(v: Any) -> str:
     s = "" if v is None else str(v)
     if isinstance(v, Markup):
-        import re
-
         s = re.sub(r"<[^>]+>", "", s)
     return s.replace("|", "\\|").replace("\n", " ")
 
