@@ -25,7 +25,8 @@ from .models.gguf_tokenizer import render_chat
 from .policies import registry
 from .policies.calibration import calibration_ids
 from .policies.spec import parameters
-from .train import data
+from .train.corpus import build_all
+from .train.probes import build_eval
 from .train.recipe import main as train_main
 
 
@@ -203,10 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "build":
-        m = data.build_all(Path(args.out))
+        m = build_all(Path(args.out))
         print(json.dumps({k: m[k] for k in ("sha256", "bytes", "documents") if k in m}))
     elif args.action == "eval":
-        data.build_eval(Path(args.out))
+        build_eval(Path(args.out))
     elif args.action == "instruct":
         print(write_instruct(repo_data("code.txt"), repo_data("prose.txt"), args.out))
     return 0
