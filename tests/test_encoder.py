@@ -11,7 +11,7 @@ from ponder.encoders.engine import EncoderEngine, EncoderStats, TokenState
 from ponder.encoders.policies import registry
 from ponder.encoders.reduce import bipartite_soft_matching, compaction, merge_wavg
 from ponder.errors import PonderError
-from ponder.models.bert import load_encoder_folder
+from ponder.models.bert_loader import load_encoder_folder
 
 WORDS = ("the cat sat on mat dog ran far away quick brown fox jumps over lazy a an and or but in to of is was "
          "python code runs fast slow token merge prune exit layer").split()

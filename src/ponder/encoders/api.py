@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import PonderError
-from ..models.bert import load_encoder_folder
+from ..models.bert_loader import load_encoder_folder
 from ..policies.base import per_engine
 from .engine import EncoderEngine, EncoderStats
 from .policies import registry

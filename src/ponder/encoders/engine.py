@@ -21,7 +21,9 @@ from typing import Protocol
 
 import torch
 
-from ..models.bert import EncoderConfig, EncoderModel, attn_block, embed_tokens, ffn_block, key_bias, pool
+from ..models.bert import attn_block, embed_tokens, ffn_block, key_bias, pool
+from ..models.bert_config import EncoderConfig
+from ..models.bert_loader import EncoderModel
 from .reduce import compaction, gather_rows, remap
 
 
