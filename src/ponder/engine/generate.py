@@ -7,6 +7,7 @@ its strategies apart from its model slicing.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -137,7 +138,6 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
              planner_factory: Callable[[], Planner | None] | None = None, stats: Stats | None = None,
              on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Generate for a batch of token-id prompts (left-padded into one batch)."""
-    import time
 
     sc = sc or SamplingConfig()
     B = len(prompts)

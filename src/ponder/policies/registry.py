@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import PonderError
 from .base import Policy
+from .spec import build, parse_policy
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
@@ -41,8 +42,6 @@ def names() -> list[str]:
 
 def get(name: str, budget: float = 1.0, **kw: Any) -> Policy:
     """A policy by name or spec (``name:key=value;...``, see ``policies.spec``), keyword parameters on top."""
-    from .spec import build, parse_policy
-
     name, params = parse_policy(name)
     params.update(kw)
     _load_all()

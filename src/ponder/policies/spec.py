@@ -8,6 +8,7 @@ list values by ``/``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..errors import PonderError
@@ -46,8 +47,6 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
 def parameters(cls: type) -> dict[str, Any]:
     """A policy class's settable parameters (name -> dataclass field): every init field but the budget knob and
     internal state (fields hidden from repr, such as fitted calibration)."""
-    import dataclasses
-
     return {f.name: f for f in dataclasses.fields(cls) if f.init and f.repr and f.name != "budget"}
 
 
