@@ -25,6 +25,7 @@ from .models.gguf_tokenizer import render_chat
 from .policies import registry
 from .policies.calibration import calibration_ids
 from .policies.spec import parameters
+from .train import draft, translators
 from .train.corpus import build_all
 from .train.probes import build_eval
 from .train.recipe import main as train_main
@@ -198,7 +199,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_KINDS = {"translators": translators.main, "draft-head": draft.main}  # trained cheap paths for a frozen base model
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """``ponder train <kind> ...`` trains an adapter for a base model; ``ponder train --config ...`` a model."""
+    if args.rest and args.rest[0] in TRAIN_KINDS:
+        return TRAIN_KINDS[args.rest[0]](args.rest[1:])
+    if args.rest and not args.rest[0].startswith("-"):
+        raise PonderError(f"unknown training kind {args.rest[0]!r}; choose one of: {', '.join(TRAIN_KINDS)} "
+                          "(or --config FILE to train a model)")
     return train_main(args.rest)
 
 
@@ -242,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="list the registered policies and their flags")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_policies)
-    t = sub.add_parser("train", help="train a model with ponder's recipe (see --config)", add_help=False)
+    t = sub.add_parser("train", help="train an adapter for a base model (`ponder train translators`) or a model "
+                                     "with ponder's recipe (`ponder train --config FILE`)", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_train)
     d = sub.add_parser("data", help="build the training corpus, the evaluation files, or the instruction prompts")

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import PonderError
 from .cache import KVCache
-from .forward import Engine, Planner
+from .forward import Engine, ForwardOutput, Planner
 from .stats import Stats
 
 
@@ -111,11 +111,12 @@ def begin(engine: Engine, prompts: list[list[int]], sc: SamplingConfig, room: in
 
 
 def prefill(engine: Engine, ids: torch.Tensor, pad: torch.Tensor, cache: KVCache, planner: Planner | None,
-            stats: Stats | None) -> torch.Tensor:
-    """Run the prompts into the cache; the last position's logits (padded rows masked out of attention)."""
+            stats: Stats | None) -> ForwardOutput:
+    """Run the prompts into the cache: the last position's logits (padded rows masked out of attention) and every
+    position's final states."""
     if ids.shape[0] > 1:
         cache.set_padding(pad)
-    return engine.forward(ids, cache, planner, stats, logits="last", phase="prefill").logits
+    return engine.forward(ids, cache, planner, stats, logits="last", phase="prefill")
 
 
 def emit_column(col: list[int], out: list[list[int]], done: list[bool], finish: list[str], stop: set[int],
@@ -150,7 +151,7 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
     done_t: torch.Tensor | None = None  # the rows that stopped, once any has (they are fed token 0)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        logits = prefill(engine, ids, pad, cache, planner, stats)
+        logits = prefill(engine, ids, pad, cache, planner, stats).logits
         t1 = time.perf_counter()
         for step in range(sc.max_new_tokens):
             nxt = pick(logits, sc, gen)

@@ -28,7 +28,9 @@ dense model's one per token are policy overhead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +53,17 @@ class SpecConfig:
     # few-rows kernel), so a rejected tail is cheap, while shrinking the draft after a miss forfeits the long copies
     # that make lookup pay (SmolLM2, 12 grounded chat prompts: 1.84x adapting from 4, 2.14x fixed at 10, 2.12x at 14).
     lookup_len: int = 10
+    # Maps a draft's exit state (B, D) before the shared head (trained exit translators), or None: the plain head.
+    draft_lens: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # drafter "head": a trained draft module on the final features (models.adapters.DraftHead)
+    draft_head: Any = None
 
     def __post_init__(self) -> None:
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, not {self.drafter!r}")
 
 
-DRAFTERS = ("layers", "lookup", "lookup+layers")
+DRAFTERS = ("layers", "lookup", "lookup+layers", "head", "lookup+head")
 
 
 def lookup(seq: list[int], k: int, n_max: int, n_min: int) -> list[int]:
@@ -136,12 +142,19 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     fed: list[int] = []  # cache columns the dense model would have fed in decode (for the dense-side count)
     k = max(1, min(spec.draft_len, spec.max_draft))
     k_lu = max(1, spec.lookup_len)
-    use_lookup, use_layers = "lookup" in spec.drafter, "layers" in spec.drafter
+    use_lookup, use_layers, use_head = "lookup" in spec.drafter, "layers" in spec.drafter, "head" in spec.drafter
+    dh = spec.draft_head
+    if use_head and dh is None:
+        raise ValueError("drafter 'head' needs a draft head (SpecConfig.draft_head)")
+    head_step_flops = 2.0 * (dh.w1.numel() + dh.w2.numel() + dh.head.numel()) if use_head else 0.0
     hist = [list(p) for p in prompts]
-    lookup_rounds = layer_rounds = 0
+    lookup_rounds = layer_rounds = head_rounds = 0
+    pos_drafted = [0] * max(spec.max_draft, k_lu, 1)  # per draft position: rounds that drafted it, and accepted it
+    pos_accepted = [0] * len(pos_drafted)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        logits = prefill(engine, ids, pad, cache, None, stats)
+        o = prefill(engine, ids, pad, cache, None, stats)
+        logits, f_prev = o.logits, o.hidden[:, -1]  # f_prev: the final state that produced x (the head drafter's input)
         t1 = time.perf_counter()
         x = pick(logits, sc, gen)
         emit(x.tolist())
@@ -155,34 +168,60 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
             if found is not None:  # drafts from the context: one full pass verifies them all
                 kk = found.shape[1]
                 block = torch.cat([x[:, None], found.to(x.device)], 1)
-                v = engine.forward(block, cache, None, work, logits="all", phase="verify").logits
+                o = engine.forward(block, cache, None, work, logits="all", phase="verify")
                 if not greedy:
-                    qs = list(F.one_hot(found.to(x.device), v.shape[-1]).float().unbind(1))
+                    qs = list(F.one_hot(found.to(x.device), engine.cfg.vocab_size).float().unbind(1))
                 lookup_rounds += 1
+            elif use_head:  # the trained head chains kk drafts from the last final state; one pass verifies them
+                kk = min(k, N - emitted - 1)
+                head_rounds += 1
+                f, tok = f_prev, x
+                for _ in range(kk):
+                    f, lg = dh.step(f, tok)
+                    if greedy:
+                        tok = dh.vocab[lg.argmax(-1)]
+                    else:
+                        qr = distribution(lg, sc)
+                        qs.append(torch.zeros(B, engine.cfg.vocab_size, dtype=qr.dtype, device=qr.device)
+                                  .index_copy_(1, dh.vocab, qr))
+                        tok = dh.vocab[torch.multinomial(qr, 1, generator=gen).squeeze(1)]
+                    drafts.append(tok)
+                if work is not None:
+                    work.add_overhead(head_step_flops * B * kk)
+                block = torch.stack([x] + drafts, 1)
+                o = engine.forward(block, cache, None, work, logits="all", phase="verify")
             elif not use_layers:  # lookup only, nothing found: one plain dense step
                 kk = 0
                 block = x[:, None]
-                v = engine.forward(block, cache, None, work, logits="all", phase="decode").logits
+                o = engine.forward(block, cache, None, work, logits="all", phase="decode")
             else:
                 kk = min(k, N - emitted - 1)
                 layer_rounds += 1
                 tok = x
+                lens = spec.draft_lens
                 for j in range(kk + 1):  # 1. draft
-                    o = engine.forward(tok[:, None], cache, None, work, logits="last" if j < kk else None,
-                                       phase="decode", last_layer=E)
+                    o = engine.forward(tok[:, None], cache, None, work,
+                                       logits="last" if j < kk and lens is None else None, phase="decode",
+                                       last_layer=E)
                     hs.append(o.hidden)
                     if j < kk:
+                        lg = o.logits
+                        if lens is not None:
+                            lg = engine.logits(lens(o.hidden[:, -1]))
+                            if work is not None:
+                                work.add_head(B, B)
                         if greedy:
-                            tok = o.logits.argmax(-1)
+                            tok = lg.argmax(-1)
                         else:
-                            qs.append(distribution(o.logits, sc))
+                            qs.append(distribution(lg, sc))
                             tok = torch.multinomial(qs[-1], 1, generator=gen).squeeze(1)
                         drafts.append(tok)
                 block = torch.stack([x] + drafts, 1)  # (B, kk+1)
                 if work is not None:  # a resumed forward begins no step: size the counters for it
                     work.begin_step(B, kk + 1, start)
-                v = engine.forward(block, cache, None, work, logits="all", phase="verify", first_layer=E,
-                                   hidden=torch.cat(hs, 1)).logits  # 2. verify: (B, kk+1, V)
+                o = engine.forward(block, cache, None, work, logits="all", phase="verify", first_layer=E,
+                                   hidden=torch.cat(hs, 1))  # 2. verify: (B, kk+1, V)
+            v = o.logits
             d = block[:, 1:]
             live = torch.tensor([not x_ for x_ in done], device=v.device)
             if greedy:  # 3. accept
@@ -196,6 +235,10 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
                 a, nxt = sampled_round(p, q, d, live, gen)
             cache.truncate(start + a + 1)
             fed += list(range(start, start + a + 1))
+            f_prev = o.hidden[:, a]
+            for j in range(kk):
+                pos_drafted[j] += 1
+                pos_accepted[j] += j < a
             for j in range(a):
                 emit(d[:, j].tolist())
             emit(nxt.tolist())
@@ -211,11 +254,13 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     t2 = time.perf_counter()
     if stats is not None:
         _account(stats, work, fed, B)
-    extra = {"exit_layer": E, "acceptance_rate": accepted / drafted if drafted else None,
+    extra = {"exit_layer": None if use_head else E, "acceptance_rate": accepted / drafted if drafted else None,
              "mean_accepted": accepted / rounds if rounds else None,
              "tokens_per_round": (accepted + rounds) / rounds if rounds else None,
              "rounds": rounds, "drafted": drafted, "final_draft_len": k, "lookup_rounds": lookup_rounds,
-             "layer_rounds": layer_rounds}
+             "layer_rounds": layer_rounds, "head_rounds": head_rounds,
+             "acceptance_by_position": [round(pos_accepted[j] / pos_drafted[j], 3) for j in range(len(pos_drafted))
+                                        if pos_drafted[j]]}
     return GenerationResult(out, finish, stats, prefill_s=t1 - t0, decode_s=t2 - t1, extra=extra)
 
 

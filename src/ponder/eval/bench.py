@@ -34,6 +34,7 @@ from ..engine.stats import ATTN, KV
 from ..errors import PonderError
 from ..models.gguf_tokenizer import render_chat
 from ..policies import registry
+from ..policies.base import exit_lens, has_draft_head
 from ..policies.calibration import calibration_ids
 from . import envinfo, quality, timing
 from .metrics import evaluate_text, read_text, text_ids
@@ -49,7 +50,15 @@ DEFAULT_BUDGETS = (0.9, 0.75, 0.6, 0.5)
 QUICK_BUDGETS = (0.9, 0.75)
 # Variants the default sweep measures beside every registered policy, each at the budgets that mean something for
 # it: prompt-lookup drafting has no layer budget, and it is the lossless row that pays on small models.
-DEFAULT_VARIANTS: dict[str, tuple[float, ...]] = {"self-speculative:drafter=lookup": (1.0,)}
+# Variants measured by default beside the registered policies: fixed budgets, or () for the sweep's budgets. The
+# "lens=plain" twins are the training-free rows of the policies that use a model's trained exit translators; they
+# are dropped for a model without translators (the two rows would be the same computation).
+DEFAULT_VARIANTS: dict[str, tuple[float, ...]] = {"self-speculative:drafter=lookup": (1.0,),
+                                                  "self-speculative:drafter=head": (1.0,),
+                                                  "early-exit:lens=plain": (), "oracle:lens=plain": (),
+                                                  "self-speculative:lens=plain": (1.0,)}
+PLAIN_TWIN = ":lens=plain"
+HEAD_DRAFTER = ":drafter=head"
 
 
 def repo_data(name: str) -> Path:
@@ -574,6 +583,11 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
     engine = load(model, dtype=dtype, device=device)
     if engine.tokenizer is None:
         raise PonderError(f"{folder} has no tokenizer; the bench needs one to read its evaluation text")
+    if policies == default_policies():  # default rows that need an artefact this model does not ship are dropped
+        if exit_lens(engine, "auto") is None:  # no trained translators: the plain twins would repeat their policies
+            points = [p for p in points if not p.policy.endswith(PLAIN_TWIN)]
+        if not has_draft_head(engine):
+            points = [p for p in points if not p.policy.endswith(HEAD_DRAFTER)]
     bench = Bench(engine, settings, out, str(model), fp, show_progress)
     todo: list[tuple[str, Any]] = []
     if not (out.has(point_key(bench.base_row("dense", 1.0))) and out.has(point_key(bench.base_row(CONTROL, 1.0)))):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -19,6 +20,7 @@ from ..engine.generate import GenerationResult, SamplingConfig, generate
 from ..engine.plan import LayerPlan
 from ..engine.stats import Stats
 from ..errors import PonderError
+from ..models.adapters import DraftHead, Translators, load_draft_head, load_translators, shipped_dir
 
 
 @dataclass
@@ -82,6 +84,64 @@ def per_engine(engine: Any, key: Hashable, compute: Callable[[], T]) -> T:
 def text_key(texts: list[list[int]]) -> tuple[int, int]:
     """A key for calibration token sequences: their count and a hash of their contents."""
     return len(texts), hash(tuple(tuple(t) for t in texts))
+
+
+LENSES = ("auto", "plain")
+
+
+def exit_lens(engine: Engine, lens: str) -> Translators | None:
+    """What an exit decodes through: ``"plain"``, the final norm and head (the logit lens: None); ``"auto"``, the
+    exit translators shipped for this model (``adapters/<name>/translators``) when they were trained on this very
+    base, else plain; any other value is the path of a translators adapter, refused when it does not match."""
+    if lens == "plain":
+        return None
+
+    def find() -> Translators | None:
+        if lens == "auto":
+            d = shipped_dir(getattr(engine, "name", ""))
+            p = d / "translators.safetensors" if d is not None else None
+            if p is None or not p.is_file():
+                return None
+            try:
+                return load_translators(p, engine.model, engine.dtype, engine.device)
+            except PonderError:  # shipped for another dtype or quantisation of this model: the plain lens
+                return None
+        return load_translators(Path(lens), engine.model, engine.dtype, engine.device)
+
+    return per_engine(engine, ("lens", lens), find)
+
+
+def draft_head(engine: Engine, head: str) -> DraftHead:
+    """The draft head for ``engine``: ``"auto"``, the one shipped for this model; otherwise an adapter's path.
+    Refused with one line when there is none or it was trained for another base."""
+    def find() -> DraftHead:
+        if head == "auto":
+            d = shipped_dir(getattr(engine, "name", ""))
+            p = d / "draft-head.safetensors" if d is not None else None
+            if p is None or not p.is_file():
+                raise PonderError(f"no draft head is shipped for model {engine.name!r}; train one with "
+                                  "`ponder train draft-head --model ...` and pass head=PATH")
+        else:
+            p = Path(head)
+        return load_draft_head(p, engine.model, engine.embed, engine.norm, engine.head, engine.cfg.rms_norm_eps)
+
+    return per_engine(engine, ("draft-head", head), find)
+
+
+def has_draft_head(engine: Engine) -> bool:
+    """Whether a draft head matching this very base ships for the model (``head="auto"`` would find it)."""
+    try:
+        draft_head(engine, "auto")
+    except PonderError:
+        return False
+    return True
+
+
+def lens_name(tr: Translators | None) -> str:
+    """How a row's exits were decoded, for its description."""
+    if tr is None:
+        return "plain"
+    return f"translators rank {tr.card.get('rank')} ({tr.card.get('base_fingerprint')})"
 
 
 @dataclass

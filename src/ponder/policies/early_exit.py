@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from ..engine.forward import Engine, PlannerBase, StepContext
 from ..engine.plan import LayerPlan
 from ..errors import PonderError
+from ..models.adapters import Translators
+from .base import LENSES, exit_lens, lens_name
 from .budget import ThresholdPolicy
 from .registry import register
 
@@ -124,8 +126,10 @@ def confidence(logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class EarlyExitPlanner(ExitPlanner):
-    def __init__(self, engine: Engine, kv_fill: str, threshold: float, checks: list[int], measure_kind: str):
+    def __init__(self, engine: Engine, kv_fill: str, threshold: float, checks: list[int], measure_kind: str,
+                 lens: Translators | None = None):
         super().__init__(engine, kv_fill)
+        self.lens = lens
         self.thr = threshold
         self.checks = set(checks)
         self.kind = measure_kind
@@ -148,7 +152,7 @@ class EarlyExitPlanner(ExitPlanner):
             return F.cosine_similarity(prev.float(), h.float(), dim=-1) >= self.thr
         if ctx.stats is not None:
             ctx.stats.add_head_check(h.shape[0])
-        self.check_logits = self.engine.logits(h)
+        self.check_logits = self.engine.logits(h if self.lens is None else self.lens(i, h))
         return confidence(self.check_logits, self.kind) >= self.thr
 
 
@@ -162,12 +166,32 @@ class EarlyExit(ThresholdPolicy):
     first_check: int | None = None  # first depth checked (default L // 4, at least 1)
     every: int | None = None  # depth between checks (default L // 4, at least 1)
     measure: str = "maxprob"  # "maxprob" | "entropy" (the head) | "saturation" (cosine of consecutive states)
+    # what an exit decodes through: "auto" (the model's shipped exit translators when present), "plain" (the
+    # final norm and head: the logit lens), or a translators adapter's path
+    lens: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_kv_fill(self.kv_fill)
         if self.measure not in MEASURES:
             raise PonderError(f"measure must be one of {', '.join(MEASURES)}, not {self.measure!r}")
+        if self.measure == "saturation" and self.lens not in LENSES:
+            raise PonderError("measure=saturation decodes an exited token through the final head at the end of the "
+                              "step; a translators lens applies to the head-based measures (maxprob, entropy)")
+
+    def _lens(self, engine: Engine) -> Translators | None:
+        return None if self.measure == "saturation" else exit_lens(engine, self.lens)
+
+    def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
+        super().calibrate(engine, texts)
+        if self.fitted_for(engine):
+            self.calibration["lens_used"] = lens_name(self._lens(engine))
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if "lens_used" in self.calibration:
+            d["lens_used"] = self.calibration["lens_used"]
+        return d
 
     @property
     def cheap(self) -> float:  # the threshold at which every token leaves at the first check
@@ -182,4 +206,5 @@ class EarlyExit(ThresholdPolicy):
         return list(range(first, L, every))
 
     def _planner(self, engine: Engine, threshold: float) -> EarlyExitPlanner:
-        return EarlyExitPlanner(engine, self.kv_fill, threshold, self.checks(engine), self.measure)
+        return EarlyExitPlanner(engine, self.kv_fill, threshold, self.checks(engine), self.measure,
+                                self._lens(engine))

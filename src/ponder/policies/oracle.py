@@ -25,15 +25,17 @@ import torch
 from ..engine.cache import KVCache
 from ..engine.forward import Engine, Planner, StepContext
 from ..errors import PonderError
-from .base import Calibrated
+from ..models.adapters import Translators
+from .base import Calibrated, exit_lens
 from .budget import default_calibration, measure
 from .early_exit import ExitPlanner, check_kv_fill
 from .registry import register
 
 
 class OraclePlanner(ExitPlanner):
-    def __init__(self, engine: Engine, kv_fill: str, floor: int, cap: int):
+    def __init__(self, engine: Engine, kv_fill: str, floor: int, cap: int, lens: Translators | None = None):
         super().__init__(engine, kv_fill)
+        self.lens = lens
         self.L = engine.cfg.num_hidden_layers
         self.floor, self.cap = floor, cap
         self.ref_cache: KVCache | None = None
@@ -56,6 +58,13 @@ class OraclePlanner(ExitPlanner):
         return self.floor <= i < self.L
 
     def leave(self, i: int, h: torch.Tensor, rows: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self.lens is not None:
+            # through the translators: the check's logits are the exited tokens' outputs (their frozen state would
+            # decode through the plain head at the end of the step otherwise)
+            self.check_logits = self.engine.logits(self.lens(i, h))
+            if i >= self.cap:
+                return torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+            return self.check_logits.argmax(-1) == self.ref[rows]
         if i >= self.cap:
             return torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
         return self.engine.logits(h).argmax(-1) == self.ref[rows]
@@ -79,6 +88,7 @@ class Oracle(Calibrated):
     kv_fill: str = "state"
     floor: int | None = None  # None (with cap None): both fitted to the budget by calibrate
     cap: int | None = None
+    lens: str = "auto"  # as early-exit's: "auto" (shipped exit translators when present), "plain", or a path
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,7 +98,7 @@ class Oracle(Calibrated):
         L = engine.cfg.num_hidden_layers
         if not (1 <= floor <= L and 1 <= cap <= L):
             raise PonderError(f"oracle floor and cap must be in [1, {L}]")
-        return OraclePlanner(engine, self.kv_fill, floor, cap)
+        return OraclePlanner(engine, self.kv_fill, floor, cap, exit_lens(engine, self.lens))
 
     def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
         if self.budget >= 1.0 or self.floor is not None or self.cap is not None:

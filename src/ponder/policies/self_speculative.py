@@ -20,7 +20,9 @@ tokens.
 Drafter. ``"layers"`` (default) is the method above. ``"lookup"`` drafts instead from the context (prompt lookup:
 the tokens that followed the last occurrence of the current 3- or 2-token suffix), which costs no model work and is
 verified by one full pass; ``"lookup+layers"`` uses the context when it has a match and the first layers otherwise.
-Every drafter goes through the same verification, so every one is lossless.
+``"head"`` drafts with a trained module on the model's final features (``models.adapters.DraftHead``, trained by
+``ponder train draft-head``; ``head="auto"`` finds the one shipped for the model), ``"lookup+head"`` with the context
+first. Every drafter goes through the same verification, so every one is lossless.
 
 Scoring (perplexity) is the dense model: speculation only exists in generation. Batches work (every row keeps the
 batch's smallest accepted count); the target is batch 1.
@@ -39,7 +41,7 @@ from ..engine.speculative import DRAFTERS, SpecConfig, speculative_generate
 from ..engine.states import layer_states
 from ..engine.stats import Stats
 from ..errors import PonderError
-from .base import Calibrated
+from .base import Calibrated, draft_head, exit_lens, lens_name
 from .budget import shipped_calibration
 from .registry import register
 
@@ -81,16 +83,18 @@ class SelfSpeculative(Calibrated):
     max_draft: int = 12
     adaptive: bool = True
     drafter: str = "layers"  # "layers" (LayerSkip) | "lookup" (context n-grams) | "lookup+layers"
+    lens: str = "auto"  # what a layer draft decodes through: "auto" (shipped exit translators), "plain", or a path
+    head: str = "auto"  # drafter "head": "auto" (the draft head shipped for the model) or an adapter's path
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.drafter not in DRAFTERS:
             raise PonderError(f"drafter must be one of {', '.join(DRAFTERS)}, not {self.drafter!r}")
-        if self.drafter == "lookup" and self.budget < 1.0:
+        if self.drafter in ("lookup", "head", "lookup+head") and self.budget < 1.0:
             # the budget picks the draft depth; lookup drafts use no layers, so every budget would run the same
             # computation, and a sweep would report one measurement several times as if they were different points
-            raise PonderError("self-speculative with drafter=lookup drafts from the context, not from layers: it has "
-                              "no budget to set; use budget 1 (or drafter=lookup+layers)")
+            raise PonderError(f"self-speculative with drafter={self.drafter} does not draft with layers: it has no "
+                              "budget to set; use budget 1 (or drafter=lookup+layers)")
 
     def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
         """Greedy acceptance rate per draft depth: the logit lens (top-1 at depth E equals the final top-1) on
@@ -102,15 +106,18 @@ class SelfSpeculative(Calibrated):
         n = min(len(s) for s in seqs)
         seqs = [s[:n] for s in seqs][:max(1, CALIB_TOKENS // n)]
         L = engine.cfg.num_hidden_layers
+        lens = exit_lens(engine, self.lens)
         agree = torch.zeros(L)
         with torch.inference_mode():
             for i in range(0, len(seqs), 4):
                 outs = layer_states(engine, torch.tensor(seqs[i:i + 4], device=engine.device))
                 final = engine.logits(outs[-1]).argmax(-1)
                 for layer, h in enumerate(outs[:-1]):
-                    agree[layer] += (engine.logits(h).argmax(-1) == final).sum().cpu()
+                    hh = h if lens is None else lens(layer + 1, h)
+                    agree[layer] += (engine.logits(hh).argmax(-1) == final).sum().cpu()
         total = len(seqs) * n
-        self.fitted(engine, {"alphas": {i + 1: float(agree[i]) / total for i in range(L - 1)}})
+        self.fitted(engine, {"alphas": {i + 1: float(agree[i]) / total for i in range(L - 1)},
+                             "lens_used": lens_name(lens)})
 
     def _exit_layer(self, engine: Engine) -> int:
         L = engine.cfg.num_hidden_layers
@@ -136,8 +143,10 @@ class SelfSpeculative(Calibrated):
         if k is None:
             alphas = self._alphas(engine)
             k = best_plan(engine.cfg.num_hidden_layers, {E: alphas[E]}, self.max_draft)[1] if E in alphas else 4
+        lens = exit_lens(engine, self.lens)
         return SpecConfig(exit_layer=E, draft_len=max(1, min(k, self.max_draft)), max_draft=self.max_draft,
-                          adaptive=self.adaptive, drafter=self.drafter)
+                          adaptive=self.adaptive, drafter=self.drafter,
+                          draft_lens=(lambda h: lens(E, h)) if lens is not None and lens.has(E) else None)
 
     def planner(self, engine: Engine) -> Planner | None:
         return None  # scoring is dense: speculation changes how tokens are generated, not what they cost to score
@@ -157,6 +166,11 @@ class SelfSpeculative(Calibrated):
                  on_token=None) -> GenerationResult:
         if self.max_draft < 1:
             raise PonderError("max_draft must be >= 1")
+        if "head" in self.drafter:
+            cfg = SpecConfig(exit_layer=max(1, engine.cfg.num_hidden_layers // 2),
+                             draft_len=max(1, min(self.draft_len or 4, self.max_draft)), max_draft=self.max_draft,
+                             adaptive=self.adaptive, drafter=self.drafter, draft_head=draft_head(engine, self.head))
+            return speculative_generate(engine, prompts, sc, cfg, stats, on_token)
         pays, gain = self.layer_drafting_pays(engine) if engine.cfg.num_hidden_layers >= 2 else (False, None)
         note = {"predicted_layer_draft_speedup": round(gain, 3) if gain is not None else None,
                 "layer_drafting": pays}

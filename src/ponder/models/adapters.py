@@ -1,0 +1,159 @@
+"""Trained additions to a frozen base model (exit translators, a draft head): a safetensors file beside a JSON card.
+
+Why a card and a fingerprint: an adapter is only meaningful on the exact weights it was trained on; applied to
+another model (or another quantisation of the same one) it silently degrades everything. So every adapter records
+``fingerprint(engine)`` of its base, and loading refuses a mismatch with one line. The card also carries how it was
+made (data, steps, minutes, tokens) and its held-out numbers, so a user can judge it without retraining.
+
+Shipped adapters live in ``adapters/<model name>/`` at the repository root (or ``ponder/_adapters/`` in a wheel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import PonderError
+from .llama import rms_norm
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) of every weight's bytes in name order, as the engine holds them (so the same
+    weights in another dtype are another base). Cached on the module: ~0.5 s for a 135M model."""
+    fp = getattr(model, "_ponder_fingerprint", None)
+    if fp is None:
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+        fp = h.hexdigest()[:16]
+        model._ponder_fingerprint = fp
+    return fp
+
+
+def shipped_dir(model_name: str) -> Path | None:
+    """Where the adapters shipped for a catalogue model live, or None."""
+    here = Path(__file__).resolve()
+    for p in (here.parents[3] / "adapters" / model_name, here.parents[1] / "_adapters" / model_name):
+        if p.is_dir():
+            return p
+    return None
+
+
+@dataclass
+class Translators:
+    """Per exit depth ``d`` (layers run), an affine low-rank map of the residual state, h + (h u) v + b, trained so
+    that the state after ``d`` layers decodes through the final norm and the shared head like the final state does
+    (the tuned lens). At zero it is the identity, and the lens is the plain logit lens."""
+
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        m = self.maps.get(depth)
+        if m is None:
+            return h
+        u, v, b = m
+        return h + (h @ u) @ v + b
+
+    def has(self, depth: int) -> bool:
+        return depth in self.maps
+
+    def to(self, dtype: torch.dtype, device: torch.device | str) -> Translators:
+        return Translators({d: tuple(t.to(dtype=dtype, device=device) for t in m) for d, m in self.maps.items()},
+                           self.card)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for d, (u, v, b) in self.maps.items():
+            out[f"t{d}.u"], out[f"t{d}.v"], out[f"t{d}.b"] = u.contiguous(), v.contiguous(), b.contiguous()
+        return out
+
+
+def save_adapter(path: Path, tensors: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
+    """``path`` (.safetensors) and its card (same name, .json); the card's ``kind`` and ``base_fingerprint`` are
+    what ``load_adapter`` checks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"kind": str(card["kind"]), "base": str(card["base_fingerprint"])})
+    path.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
+
+
+def load_adapter(path: Path, kind: str, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and card of an adapter file, after checking that it is a ``kind`` adapter for this very base."""
+    path = Path(path)
+    card_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise PonderError(f"adapter {path} does not exist; train one with `ponder train {kind}` or give its path")
+    if not card_path.is_file():
+        raise PonderError(f"adapter {path} has no card {card_path.name} beside it; it cannot be checked against "
+                          "its base model, so it is not used")
+    try:
+        card = json.loads(card_path.read_text())
+        tensors = load_file(str(path))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise PonderError(f"adapter {path} is unreadable ({e}); retrain it with `ponder train {kind}`") from None
+    if card.get("kind") != kind:
+        raise PonderError(f"{path} is a {card.get('kind')!r} adapter, not a {kind!r} one")
+    want = fingerprint(model)
+    if card.get("base_fingerprint") != want:
+        raise PonderError(f"adapter {path} was trained for another base model (fingerprint "
+                          f"{card.get('base_fingerprint')}, this model's is {want}); retrain it for this model with "
+                          f"`ponder train {kind} --model ...`")
+    return tensors, card
+
+
+def load_translators(path: Path, model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str
+                     ) -> Translators:
+    tensors, card = load_adapter(path, "translators", model)
+    depths = sorted({int(k.split(".")[0][1:]) for k in tensors})
+    maps = {d: (tensors[f"t{d}.u"], tensors[f"t{d}.v"], tensors[f"t{d}.b"]) for d in depths}
+    return Translators(maps, card).to(dtype, device)
+
+
+@dataclass
+class DraftHead:
+    """A drafter on the model's final features (EAGLE's idea, as a residual MLP instead of EAGLE's decoder layer):
+    from the final feature ``f`` that produced token ``x`` and ``x``'s embedding, the feature the model will have
+    after ``x``: f' = f + W2 silu(W1 [norm(f); embed(x)] + b1). Its next token comes from the final norm and the
+    LM head restricted to ``vocab`` (the tokens the model emits most: FR-Spec's observation that a tied 49k-token head
+    is a fifth of the model, and a few thousand rows carry nearly all of its greedy choices). Chained ``k`` times it
+    proposes ``k`` drafts for one verification pass; no KV cache of its own."""
+
+    w1: torch.Tensor  # (H, 2D)
+    b1: torch.Tensor  # (H,)
+    w2: torch.Tensor  # (D, H)
+    vocab: torch.Tensor  # (Vr,) long: full-vocabulary ids of the reduced head's rows
+    embed: torch.Tensor  # (V, D) the model's input embedding
+    norm: torch.Tensor  # (D,) the model's final norm weight
+    head: torch.Tensor  # (Vr, D) the model's LM head rows for ``vocab``
+    eps: float
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) features and (B,) tokens -> the next features and their reduced-vocabulary logits (B, Vr)."""
+        z = torch.cat([rms_norm(f, self.norm, self.eps), self.embed[x]], -1)
+        f2 = f + F.linear(F.silu(F.linear(z, self.w1, self.b1)), self.w2)
+        return f2, F.linear(rms_norm(f2, self.norm, self.eps), self.head)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"w1": self.w1.contiguous(), "b1": self.b1.contiguous(), "w2": self.w2.contiguous(),
+                "vocab": self.vocab.contiguous()}
+
+
+def load_draft_head(path: Path, model: torch.nn.Module, embed: torch.Tensor, norm: torch.Tensor,
+                    head: torch.Tensor, eps: float) -> DraftHead:
+    t, card = load_adapter(path, "draft-head", model)
+    vocab = t["vocab"].long().to(embed.device)
+    dt = embed.dtype
+    return DraftHead(t["w1"].to(dt), t["b1"].to(dt), t["w2"].to(dt), vocab, embed, norm, head[vocab].contiguous(),
+                     eps, card)
