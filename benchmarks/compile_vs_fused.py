@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import ponder
 from ponder.engine.steps import PythonSteps
 from ponder.eval import envinfo, timing
-from ponder.eval.bench import repo_data
+from ponder.eval.points import repo_data
 from ponder.models.llama import apply_rope, rms_norm
 
 
@@ -118,7 +118,8 @@ def main() -> int:
     t = timing.interleaved(fns, warmup=1, repeats=5, min_seconds=2.0, max_repeats=15)
     ms = {n: {k: round(1e3 * v[k] / a.decode, 3) for k in ("median", "min", "max")} for n, v in t.items()}
     out = {"env": envinfo.environment(eng.device, eng.dtype), "model": a.model, "prefix": P, "decode": a.decode,
-           "torch": torch.__version__, "mode": a.mode, "freezing": a.freezing, "compile_s": round(compile_s, 1), "ms_per_token": ms,
+           "torch": torch.__version__, "mode": a.mode, "freezing": a.freezing, "compile_s": round(compile_s, 1),
+           "ms_per_token": ms,
            "compiled_vs_fused": round(ms["compiled"]["median"] / ms["fused"]["median"], 3),
            "python_vs_fused": round(ms["python"]["median"] / ms["fused"]["median"], 3),
            "greedy_equal_compiled": got == want, "greedy_equal_python": engine_decode(ref_steps)() == want}

@@ -20,7 +20,8 @@ from ponder.api import load
 from ponder.engine.generate import SamplingConfig, generate
 from ponder.engine.plan import LayerPlan
 from ponder.eval import timing
-from ponder.eval.bench import Bench, BenchSettings
+from ponder.eval.bench import Bench
+from ponder.eval.points import BenchSettings
 from ponder.policies import registry
 from ponder.policies.base import StaticPlanner
 from ponder.policies.spec import parse_policy

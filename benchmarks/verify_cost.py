@@ -33,7 +33,7 @@ def main() -> int:
     import ponder
     from ponder.engine.generate import SamplingConfig, generate
     from ponder.eval import envinfo, peers, quality, timing
-    from ponder.eval.bench import repo_data
+    from ponder.eval.points import repo_data
 
     eng = ponder.load(a.model)
     ks = [int(k) for k in a.ks.split(",")]

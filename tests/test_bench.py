@@ -254,7 +254,7 @@ def test_report_command_needs_results(tmp_path, capsys):
 
 
 def test_quick_profile_covers_every_registered_policy():
-    from ponder.eval.bench import QUICK_BUDGETS, BenchSettings, default_policies, plan_points
+    from ponder.eval.points import QUICK_BUDGETS, BenchSettings, default_policies, plan_points
 
     pts = plan_points(default_policies(), list(QUICK_BUDGETS))
     assert {p.policy for p in pts} >= set(registry.names()) - {"dense"}

@@ -17,8 +17,8 @@ from .engine.generate import SamplingConfig
 from .engine.stats import Stats
 from .errors import PonderError
 from .eval import bench_cli
-from .eval.bench import repo_data
 from .eval.metrics import evaluate_text, read_text
+from .eval.points import repo_data
 from .eval.prompts import write_instruct
 from .models.catalog import available
 from .models.gguf_tokenizer import render_chat

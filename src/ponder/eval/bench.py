@@ -16,12 +16,11 @@ are never timed.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,99 +33,20 @@ from ..engine.stats import ATTN, KV
 from ..errors import PonderError
 from ..models.gguf_tokenizer import render_chat
 from ..policies import registry
-from ..policies.base import exit_lens, has_draft_head
 from ..policies.calibration import calibration_ids
 from . import envinfo, quality, timing
 from .metrics import evaluate_text, read_text, text_ids
 from .peers import LLAMACPP_F32, LLAMACPP_FILE, PEER, llamacpp_row, transformers_row
+from .points import (
+    CONTROL,
+    BenchSettings,
+    default_policies,
+    drop_unshipped,
+    plan_points,
+)
 from .prompts import load_instruct
 from .report.build import build_report
 from .sweep import NOISE_BAND, ResultsFile, point_key, progress, settings_hash
-
-CONTROL = "dense-control"
-RESERVED = (CONTROL, PEER, LLAMACPP_F32, LLAMACPP_FILE)
-# Budget 1 of every policy is the dense plan (tests hold each to dense exactly); the sweep spends its time below it.
-DEFAULT_BUDGETS = (0.9, 0.75, 0.6, 0.5)
-QUICK_BUDGETS = (0.9, 0.75)
-# Variants the default sweep measures beside every registered policy, each at the budgets that mean something for
-# it: prompt-lookup drafting has no layer budget, and it is the lossless row that pays on small models.
-# Variants measured by default beside the registered policies: fixed budgets, or () for the sweep's budgets. The
-# "lens=plain" twins are the training-free rows of the policies that use a model's trained exit translators; they
-# are dropped for a model without translators (the two rows would be the same computation).
-DEFAULT_VARIANTS: dict[str, tuple[float, ...]] = {"self-speculative:drafter=lookup": (1.0,),
-                                                  "self-speculative:drafter=head": (1.0,),
-                                                  "early-exit:lens=plain": (), "oracle:lens=plain": (),
-                                                  "self-speculative:lens=plain": (1.0,)}
-PLAIN_TWIN = ":lens=plain"
-HEAD_DRAFTER = ":drafter=head"
-
-
-def repo_data(name: str) -> Path:
-    here = Path(__file__).resolve()
-    for p in (here.parents[3] / "data" / "eval" / name, here.parents[1] / "_data" / "eval" / name):
-        if p.is_file():
-            return p
-    return here.parents[3] / "data" / "eval" / name  # reported as missing by the caller
-
-
-@dataclass
-class BenchSettings:
-    """Everything that changes what a point measures; its hash keys the points of a results file."""
-
-    data: str = ""  # main evaluation text (default: data/eval/code.txt)
-    prose: str | None = None  # second text for perplexity (default in the full profile: data/eval/prose.txt)
-    probes_file: str | None = None
-    # Sized for the default model (SmolLM2-135M, 30 layers) on 2 cores: every policy at four budgets in < 30 min.
-    ppl_tokens: int = 4096
-    prose_tokens: int = 2048
-    kl_tokens: int = 2048
-    prompts: int = 6
-    prompt_tokens: int = 64
-    new_tokens: int = 24  # per greedy prompt
-    timing_tokens: int = 24  # generated per timed decode (batch 1 and batch ``decode_batch``)
-    calib_tokens: int = 2048  # calibration text for policies that fit thresholds (never the evaluation data)
-    probes: int = 16
-    prefill_tokens: int = 128
-    decode_batch: int = 8
-    warmup: int = 1
-    repeats: int = 3
-    # per measurement and side: add rounds until each side ran this long (this host is noisy in bursts: a median of
-    # too few rounds moved by 10% between runs on the 12-layer model, 2026-11-26)
-    min_timed_s: float = 1.0
-    peer: bool = True
-    # Input-grounded chat prompts (data/eval/instruct.jsonl, rendered with the model's chat template), where lossless
-    # policies are also timed at batch 1, one prompt after another, apart from open continuation.
-    instruct_file: str | None = None
-    instruct_prompts: int = 6
-    instruct_tokens: int = 128
-    profile: str = "full"
-
-    @classmethod
-    def full(cls) -> BenchSettings:
-        return cls(data=str(repo_data("code.txt")), prose=str(repo_data("prose.txt")),
-                   probes_file=str(repo_data("probes.jsonl")), instruct_file=str(repo_data("instruct.jsonl")))
-
-    @classmethod
-    def quick(cls) -> BenchSettings:
-        # Sized for a 30-layer 135M model on 2 cores (about 20 s a point): every policy at two budgets in < 8 min.
-        return cls(data=str(repo_data("code.txt")), prose=None, probes_file=str(repo_data("probes.jsonl")),
-                   ppl_tokens=1024, prose_tokens=0, kl_tokens=512, prompts=3, prompt_tokens=40, new_tokens=16,
-                   timing_tokens=12, calib_tokens=1024, probes=6, prefill_tokens=128, decode_batch=4, warmup=1,
-                   repeats=3, min_timed_s=0.25, instruct_prompts=0, profile="quick")
-
-    def key_fields(self, engine: Engine) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("data", "prose", "probes_file", "instruct_file"):  # a file's identity: its name and size
-            p = d.get(k)
-            d[k] = None if not p else f"{Path(p).name}:{Path(p).stat().st_size if Path(p).is_file() else 0}"
-        d.update(dtype=str(engine.dtype), device=str(engine.device), threads=torch.get_num_threads())
-        return d
-
-
-@dataclass
-class Point:
-    policy: str
-    budget: float
 
 
 @dataclass
@@ -548,23 +468,6 @@ def _control_verdict(tf: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the sweep ---------------------------------------------------------------------------------------------------
 
-def plan_points(policies: list[str], budgets: list[float]) -> list[Point]:
-    pts: list[Point] = []
-    for name in policies:
-        if name in ("dense",) + RESERVED:
-            continue
-        fixed = DEFAULT_VARIANTS.get(name)
-        registry.get(name, fixed[0] if fixed else budgets[0])  # unknown names fail here, before anything loads
-        for b in (fixed or budgets):
-            pts.append(Point(name, b))
-    return pts
-
-
-def default_policies() -> list[str]:
-    """What ``ponder bench`` measures when no --policies is given: every registered policy and the variants."""
-    return registry.names() + list(DEFAULT_VARIANTS)
-
-
 def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir: str | Path,
                  settings: BenchSettings, dtype: str | None = None, device: str | None = None,
                  show_progress: bool = True, write_report: bool = True) -> dict[str, Any]:
@@ -583,11 +486,8 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
     engine = load(model, dtype=dtype, device=device)
     if engine.tokenizer is None:
         raise PonderError(f"{folder} has no tokenizer; the bench needs one to read its evaluation text")
-    if policies == default_policies():  # default rows that need an artefact this model does not ship are dropped
-        if exit_lens(engine, "auto") is None:  # no trained translators: the plain twins would repeat their policies
-            points = [p for p in points if not p.policy.endswith(PLAIN_TWIN)]
-        if not has_draft_head(engine):
-            points = [p for p in points if not p.policy.endswith(HEAD_DRAFTER)]
+    if policies == default_policies():
+        points = drop_unshipped(points, engine)
     bench = Bench(engine, settings, out, str(model), fp, show_progress)
     todo: list[tuple[str, Any]] = []
     if not (out.has(point_key(bench.base_row("dense", 1.0))) and out.has(point_key(bench.base_row(CONTROL, 1.0)))):
@@ -652,9 +552,3 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
     return summary
 
 
-def profile_settings(quick: bool, **overrides: Any) -> BenchSettings:
-    s = BenchSettings.quick() if quick else BenchSettings.full()
-    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
-
-
-_ = math

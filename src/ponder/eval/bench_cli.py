@@ -19,7 +19,8 @@ import torch
 from ..encoders.bench import run_cli as run_embed
 from ..errors import PonderError
 from ..models.catalog import DEFAULT_MODEL
-from .bench import DEFAULT_BUDGETS, QUICK_BUDGETS, default_policies, profile_settings, run_lm_bench
+from .bench import run_lm_bench
+from .points import DEFAULT_BUDGETS, QUICK_BUDGETS, default_policies, profile_settings
 from .report.build import build_report
 from .report.page import md_headline
 from .sweep import RESULTS, parse_budgets, print_summary

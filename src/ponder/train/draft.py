@@ -36,8 +36,8 @@ from ..api import load
 from ..engine.forward import Engine
 from ..engine.generate import SamplingConfig, generate
 from ..errors import PonderError
-from ..eval.bench import repo_data
 from ..eval.envinfo import environment
+from ..eval.points import repo_data
 from ..models.adapters import DraftHead, fingerprint, save_adapter
 from ..models.llama import rms_norm
 from .translators import SEQ, training_text

@@ -37,8 +37,9 @@ from ..api import load
 from ..engine.forward import Engine
 from ..engine.states import layer_states
 from ..errors import PonderError
-from ..eval.bench import repo_data
 from ..eval.envinfo import environment
+from ..eval.points import repo_data
+from ..eval.report import svg
 from ..models.adapters import Translators, fingerprint, save_adapter
 from ..models.llama import rms_norm
 from ..policies.calibration import calib_path
@@ -210,6 +211,31 @@ def evaluate(engine: Engine, tr: Translators, ids: list[int], depths: list[int])
             for d, a in acc.items()]
 
 
+def write_lens_plots(card: dict[str, Any], out: Path) -> list[Path]:
+    """``<out>-top1.svg`` and ``<out>-kl.svg``: per depth, logit lens against translators on each held-out file (the
+    picture tuned-lens users read first)."""
+    names = [f"{kind} {f.removesuffix('.txt')}" for f in card["heldout"] for kind in ("lens", "translators")]
+    col, mk = svg.colours(names), svg.markers(names)
+    paths = []
+    for key, label, scale in (("top1", "top-1 agreement with the final layer", "linear"),
+                              ("kl", "KL(final || exit), nats", "log")):
+        series = []
+        for f, rows in card["heldout"].items():
+            for kind, field_ in (("lens", f"lens_{key}"), ("translators", f"translator_{key}")):
+                n = f"{kind} {f.removesuffix('.txt')}"
+                series.append(svg.Series(n, [svg.Pt(r["depth"], max(r[field_], 1e-3), f"{n}, depth {r['depth']}: "
+                                                    f"{r[field_]:.3f}") for r in rows], col[n], mk[n],
+                                         hollow=kind == "lens"))
+        ch = svg.Chart(f"{card['base_model']}: exits decoded by the logit lens and by the trained translators",
+                       svg.Axis("layers run (exit depth)"), svg.Axis(label, scale=scale), series,
+                       note=f"held-out evaluation files; translators rank {card['rank']}, {card['data']['tokens']} "
+                            "training tokens")
+        p = out.parent / f"{out.name}-{key}.svg"
+        p.write_text(svg.render(ch))
+        paths.append(p)
+    return paths
+
+
 def train_translators(model: str, out: Path, tokens: int, rank: int, ridge: float, eval_tokens: int,
                       refine_tokens: int = 24576, lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -265,6 +291,7 @@ def train_translators(model: str, out: Path, tokens: int, rank: int, ridge: floa
                        f"--refine-tokens {refine_tokens} --lr {lr}",
             "machine": environment(eng.device, eng.dtype), "heldout": held}
     save_adapter(out.with_suffix(".safetensors"), tr.to(torch.float16, "cpu").tensors(), card)
+    write_lens_plots(card, out)
     ckpt.unlink(missing_ok=True)
     (out.parent / (out.name + ".refine.safetensors")).unlink(missing_ok=True)
     return card
