@@ -168,7 +168,7 @@ class SelfSpeculative(Calibrated):
             raise PonderError("max_draft must be >= 1")
         if "head" in self.drafter:
             cfg = SpecConfig(exit_layer=max(1, engine.cfg.num_hidden_layers // 2),
-                             draft_len=max(1, min(self.draft_len or 4, self.max_draft)), max_draft=self.max_draft,
+                             draft_len=max(1, min(self.draft_len or 2, self.max_draft)), max_draft=self.max_draft,
                              adaptive=self.adaptive, drafter=self.drafter, draft_head=draft_head(engine, self.head))
             return speculative_generate(engine, prompts, sc, cfg, stats, on_token)
         pays, gain = self.layer_drafting_pays(engine) if engine.cfg.num_hidden_layers >= 2 else (False, None)
