@@ -10,9 +10,11 @@ from conftest import CALIB
 from ponder.engine import SamplingConfig
 from ponder.engine.speculative import SpecConfig, speculative_generate
 from ponder.errors import PonderError
+from ponder.eval.prompts import KINDS, chat_requests
 from ponder.models.adapters import DraftHead, fingerprint, load_draft_head, save_adapter, shipped_dir
 from ponder.policies import registry
 from ponder.train import draft as td
+from ponder.train.translators import training_text
 
 
 def _random_head(eng, seed=0, vocab=None) -> DraftHead:
@@ -118,3 +120,11 @@ def test_shipped_draft_head_matches_its_base_and_card():
     dh = load_draft_head(p, eng.model, eng.embed, eng.norm, eng.head, eng.cfg.rms_norm_eps)
     assert dh.card["base_fingerprint"] == fingerprint(eng.model) and dh.vocab.numel() == dh.card["vocab"]
     assert {"code.txt", "prose.txt"} <= set(dh.card["heldout_greedy_acceptance_by_position"])
+
+
+def test_chat_requests_from_training_text_cycle_every_kind():
+    text, _ = training_text(200_000)
+    reqs = chat_requests(text, text, 12)
+    assert len(reqs) == 12 and {r["kind"] for r in reqs} <= set(KINDS)
+    assert {"rename", "docstring", "explain"} <= {r["kind"] for r in reqs}
+    assert len({r["messages"][0]["content"] for r in reqs}) == 12  # no request repeated

@@ -81,6 +81,31 @@ def _spread(items: list[Any], n: int) -> list[Any]:
     return [items[int(k * step)] for k in range(n)]
 
 
+def chat_requests(code: str, prose: str, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` requests of every kind in turn, spread over the functions and passages of any text (the draft
+    head's training prompts come from training text this way, never from the evaluation files)."""
+    funcs, passages = _functions(code), _passages(prose)
+    kinds = [k for k in KINDS if (passages if k in ("qa", "summary") else funcs)]
+    if not kinds:
+        return []
+    out: list[dict[str, Any]] = []
+    fi = pi = 0
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        grounded, tpl = KINDS[kind]
+        if kind in ("qa", "summary"):
+            title, passage = passages[(pi * 7919) % len(passages)]
+            pi += 1
+            text = tpl.format(title=title, passage=passage)
+        else:
+            name, src = funcs[(fi * 7919) % len(funcs)]
+            fi += 1
+            text = tpl.format(name=name, new=f"{name}_v2", code=src)
+        out.append({"id": f"{kind}-{i:04d}", "kind": kind, "grounded": grounded,
+                    "messages": [{"role": "user", "content": text}]})
+    return out
+
+
 def build_instruct(code: str, prose: str) -> list[dict[str, Any]]:
     """The prompt set: ``{"id", "kind", "grounded", "messages"}`` per prompt, spread evenly over both files."""
     passages, funcs = _passages(prose), _functions(code)

@@ -1,6 +1,7 @@
 """A draft head for lossless speculation: predicts the model's next final feature, and so its next token.
 
-    ponder train draft-head [--model smollm2] [--tokens 98304] [--generated 16384] [--vocab 8192] [--epochs 16]
+    ponder train draft-head [--model smollm2] [--tokens 196608] [--generated 16384] [--chat 16384] [--vocab 8192]
+                            [--epochs 8]
                             [--out adapters/<model>/draft-head]
 
 Why this shape. On SmolLM2 a draft that runs early layers costs half a forward before it proposes anything (and its
@@ -11,7 +12,8 @@ and its LM head restricted to the ``--vocab`` tokens the model emits most (FR-Sp
 fifth of the model; a few thousand rows carry nearly all its greedy choices). It is trained on the frozen model's own
 features: teacher-forced over training text (``train.translators.training_text``: calibration text and non-held-out
 stdlib modules, never the evaluation files) and over the model's own greedy continuations of prompts cut from that
-text (self-distillation: at run time the draft continues the model's choices, not a corpus's). Loss, per position:
+text and to chat requests built from it (self-distillation: at run time the draft continues the model's choices, not
+a corpus's). Loss, per position:
 cross-entropy of the reduced head against the model's greedy next token, plus a smooth-L1 feature regression, over a
 three-step unroll (later steps start from the draft's own predicted feature, as they do when chained).
 
@@ -38,8 +40,11 @@ from ..engine.generate import SamplingConfig, generate
 from ..errors import PonderError
 from ..eval.envinfo import environment
 from ..eval.points import repo_data
+from ..eval.prompts import chat_requests
 from ..models.adapters import DraftHead, fingerprint, save_adapter
+from ..models.gguf_tokenizer import render_chat
 from ..models.llama import rms_norm
+from ..policies.calibration import calib_path
 from .translators import SEQ, training_text
 
 GEN_PROMPT, GEN_NEW, GEN_BATCH = 48, 80, 16
@@ -75,6 +80,24 @@ def self_generated(engine: Engine, ids: list[int], n_tokens: int, progress: bool
         res = generate(engine, chunk, sc)
         out += [p + t for p, t in zip(chunk, res.tokens)]
     return [s for s in out if len(s) == GEN_PROMPT + GEN_NEW]
+
+
+@torch.inference_mode()
+def chat_generated(engine: Engine, code: str, prose: str, n_tokens: int, progress: bool = True) -> list[list[int]]:
+    """The model's greedy answers (GEN_NEW tokens) to chat requests built from training text, rendered with its chat
+    template; each kept as the prompt's last GEN_PROMPT tokens and the answer. [] without a chat template."""
+    if not engine.chat_template or n_tokens <= 0:
+        return []
+    reqs = chat_requests(code, prose, n_tokens // GEN_NEW)
+    prompts = [engine.tokenizer.encode(render_chat(engine.chat_template, r["messages"]))[-512:] for r in reqs]
+    sc = SamplingConfig(max_new_tokens=GEN_NEW, temperature=0.0, stop_tokens=())
+    out = []
+    for b in tqdm(range(0, len(prompts), GEN_BATCH), desc="self-generated chat", unit="batch", file=sys.stderr,
+                  disable=not progress, dynamic_ncols=True):
+        chunk = prompts[b:b + GEN_BATCH]
+        res = generate(engine, chunk, sc)
+        out += [p[-GEN_PROMPT:] + t for p, t in zip(chunk, res.tokens) if len(t) == GEN_NEW and len(p) >= GEN_PROMPT]
+    return out
 
 
 class _Module(torch.nn.Module):
@@ -114,7 +137,7 @@ def train_head(engine: Engine, feats: list[tuple[torch.Tensor, torch.Tensor, tor
     starts = torch.cat(starts)
     scale = float(F_all.pow(2).mean().sqrt())
     mod = _Module(D, hidden)
-    opt = torch.optim.Adam(mod.parameters(), lr=lr)
+    opt = torch.optim.AdamW(mod.parameters(), lr=lr, weight_decay=0.01)
     first, losses = 0, []
     if ckpt is not None and ckpt.is_file():
         st = load_file(str(ckpt))
@@ -188,7 +211,7 @@ def chain_acceptance(engine: Engine, dh: DraftHead, ids: list[int], k: int) -> l
 
 
 def train_draft_head(model: str, out: Path, tokens: int, generated: int, vocab_size: int, hidden: int, epochs: int,
-                     lr: float, eval_tokens: int, progress: bool = True) -> dict[str, Any]:
+                     lr: float, eval_tokens: int, chat: int = 0, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     eng = load(model)
     if eng.tokenizer is None:
@@ -210,12 +233,17 @@ def train_draft_head(model: str, out: Path, tokens: int, generated: int, vocab_s
     if fcache.is_file():
         st = load_file(str(fcache))
         feats = [(st[f"f{i}"], st[f"y{i}"], st[f"x{i}"]) for i in (0, 1) if f"f{i}" in st]
+        n_chat = int(st["n_chat"])
     else:
         feats = [features(eng, [ids[i:i + SEQ] for i in range(0, n, SEQ)], progress=progress)]
         gen = self_generated(eng, ids, generated, progress) if generated else []
+        n_chat = len(gen)
+        gen += chat_generated(eng, text, calib_path().read_text(), chat, progress)
+        n_chat = len(gen) - n_chat
         if gen:
             feats.append(features(eng, gen, progress=progress))
-        save_file({f"{k}{i}": t.contiguous() for i, fy in enumerate(feats) for k, t in zip("fyx", fy)}, str(fcache))
+        save_file({**{f"{k}{i}": t.contiguous() for i, fy in enumerate(feats) for k, t in zip("fyx", fy)},
+                   "n_chat": torch.tensor(n_chat)}, str(fcache))
     data_s = time.perf_counter() - t0
     counts = torch.bincount(torch.cat([y.reshape(-1) for _, y, _ in feats]), minlength=V)
     vocab = torch.sort(torch.argsort(counts, descending=True)[:vocab_size]).values
@@ -233,13 +261,14 @@ def train_draft_head(model: str, out: Path, tokens: int, generated: int, vocab_s
                       "continuations; CE + smooth-L1, three-step unroll",
             "hidden": hidden, "vocab": vocab_size, "vocab_coverage_of_greedy_tokens": round(coverage, 4),
             "data": {**data, "text_tokens": n, "generated_sequences": len(feats[1][0]) if len(feats) > 1 else 0,
+                     "of_which_chat_answers": n_chat,
                      "generated_tokens_each": GEN_NEW, "excludes": "data/eval/*"},
             "training": {"minutes": round((time.perf_counter() - t0) / 60, 2), "data_s": round(data_s, 1),
                          "train_s": round(train_s, 1), "epochs": epochs, "lr": lr, "epoch_losses":
                          [round(x, 4) for x in losses]},
             "stored_dtype": "float16",
             "command": f"ponder train draft-head --model {model} --tokens {tokens} --generated {generated} "
-                       f"--vocab {vocab_size} --hidden {hidden} --epochs {epochs} --lr {lr}",
+                       f"--chat {chat} --vocab {vocab_size} --hidden {hidden} --epochs {epochs} --lr {lr}",
             "machine": environment(eng.device, eng.dtype),
             "heldout_greedy_acceptance_by_position": held}
     save_adapter(out.with_suffix(".safetensors"), {k: v.half() if v.is_floating_point() else v
@@ -252,11 +281,13 @@ def train_draft_head(model: str, out: Path, tokens: int, generated: int, vocab_s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ponder train draft-head", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--tokens", type=int, default=98304, help="training-text tokens (teacher-forced features)")
+    ap.add_argument("--tokens", type=int, default=196608, help="training-text tokens (teacher-forced features)")
     ap.add_argument("--generated", type=int, default=16384, help="tokens of the model's own greedy continuations")
+    ap.add_argument("--chat", type=int, default=16384, help="tokens of the model's own answers to chat requests "
+                    "built from training text")
     ap.add_argument("--vocab", type=int, default=8192, help="rows of the reduced draft head")
     ap.add_argument("--hidden", type=int, default=1536)
-    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per evaluation file")
     ap.add_argument("--out", default=None, help="adapter path without suffix (default adapters/<model>/draft-head)")
@@ -265,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out) if a.out else Path("adapters") / Path(str(a.model)).stem / "draft-head"
-    card = train_draft_head(a.model, out, a.tokens, a.generated, a.vocab, a.hidden, a.epochs, a.lr, a.eval_tokens)
+    card = train_draft_head(a.model, out, a.tokens, a.generated, a.vocab, a.hidden, a.epochs, a.lr, a.eval_tokens,
+                            a.chat)
     for name, acc in card["heldout_greedy_acceptance_by_position"].items():
         print(f"{name}: greedy acceptance by draft position {acc}")
     print(f"vocabulary coverage {card['vocab_coverage_of_greedy_tokens']}; wrote {out.with_suffix('.safetensors')} "
