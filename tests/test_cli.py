@@ -55,6 +55,8 @@ def test_eval_json(capsys, tmp_path):
     (["generate", "--model", "/no/such/dir", "--prompt", "x"], "does not exist"),
     (["generate", "--prompt", ""], "prompt is empty"),
     (["eval", "--data", "/no/such/file.txt"], "not found"),
+    (["train", "nonsense"], "unknown training kind 'nonsense'"),
+    (["train", "translators", "--model", "/no/such/dir"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, msg):
     rc, out, err = run(capsys, *argv)
