@@ -149,7 +149,8 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     head_step_flops = 2.0 * (dh.w1.numel() + dh.w2.numel() + dh.head.numel()) if use_head else 0.0
     hist = [list(p) for p in prompts]
     lookup_rounds = layer_rounds = head_rounds = 0
-    pos_drafted = [0] * max(spec.max_draft, k_lu, 1)  # per draft position: rounds that drafted it, and accepted it
+    # per draft position: rounds that reached it (all earlier drafts accepted), and of those the rounds that accepted it
+    pos_drafted = [0] * max(spec.max_draft, k_lu, 1)
     pos_accepted = [0] * len(pos_drafted)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -236,7 +237,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
             cache.truncate(start + a + 1)
             fed += list(range(start, start + a + 1))
             f_prev = o.hidden[:, a]
-            for j in range(kk):
+            for j in range(min(a + 1, kk)):  # positions this round reached (every draft before them accepted)
                 pos_drafted[j] += 1
                 pos_accepted[j] += j < a
             for j in range(a):
