@@ -160,7 +160,7 @@ def train_head(engine: Engine, feats: list[tuple[torch.Tensor, torch.Tensor, tor
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += float(loss) * i.numel()
+            tot += float(loss.detach()) * i.numel()
             cnt += i.numel()
             bar.set_postfix(loss=f"{tot / cnt:.3f}")
         losses.append(tot / cnt)
