@@ -56,12 +56,10 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def run_worker(tree: Path, kernel_dir: str, a: argparse.Namespace) -> dict:
+def run_worker(script: str, tree: Path, kernel_dir: str, a: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree / "src"), "PONDER_KERNEL_DIR": kernel_dir}
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(WORKER)
     data = str(tree / "data" / "eval" / "code.txt")
-    p = subprocess.run([sys.executable, f.name, str(a.budget), str(a.new), str(a.repeats), ",".join(a.policies),
+    p = subprocess.run([sys.executable, script, str(a.budget), str(a.new), str(a.repeats), ",".join(a.policies),
                         data], env=env, capture_output=True, text=True, cwd=tree)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not line:
@@ -84,9 +82,11 @@ def main() -> int:
              "after": (a.after.resolve(), tempfile.mkdtemp(prefix="kern_after_"))}
     got: dict[str, dict[str, list]] = {s: {} for s in sides}
     tokens: dict[str, dict[str, list]] = {s: {} for s in sides}
+    script = Path(tempfile.mkdtemp(prefix="ab_decode_")) / "worker.py"
+    script.write_text(WORKER)
     for r in range(a.rounds):
         for s, (tree, kd) in sides.items():
-            res = run_worker(tree, kd, a)
+            res = run_worker(str(script), tree, kd, a)
             for n, v in res.items():
                 if "ms" in v:
                     got[s].setdefault(n, []).extend(v["ms"])

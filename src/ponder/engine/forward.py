@@ -383,18 +383,12 @@ class Engine:
         """This layer's cache columns for the step: the attending rows' K/V, and for the others what ``kv`` says
         (computed from their incoming state, already filled, copied from the layer below, or punched out). Returns
         the attending rows' normed states and the row set the stats count as leaving K/V behind."""
+        if kv == "compute":  # every row leaves its own K/V: project them all, attending rows reuse the normed states
+            h = self.steps.kv(w, x, cos, sin, cache.k[i], cache.v[i], start, end)
+            return (h[a] if a.numel() else None), None
         B, T, D = x.shape
         N, hd, eps = B * T, self._hd, self.cfg.rms_norm_eps
         xf = x.reshape(N, D)
-        if kv == "compute":  # every row leaves its own K/V: project them all, attending rows reuse the normed states
-            if T == 1:
-                h = self.steps.kv_column(w, xf, cos, sin, cache.k[i], cache.v[i], start)
-            else:
-                h = rms_norm(xf, w.ln1, eps)
-                k, v = row_kv(w, h, cos.reshape(N, 1, hd), sin.reshape(N, 1, hd), self._Hk, hd, eps)
-                cache.k[i][:, :, start:end] = k.view(B, T, self._Hk, hd).transpose(1, 2)
-                cache.v[i][:, :, start:end] = v.view(B, T, self._Hk, hd).transpose(1, 2)
-            return (h[a] if a.numel() else None), None
         h_a = None
         if a.numel():
             h_a = rms_norm(xf[a], w.ln1, eps)

@@ -147,8 +147,8 @@ Tensor attn_rows(const Tensor& x, const Tensor& ln1, double eps, const Tensor& w
   return x + ponder::linear(o.transpose(1, 2).reshape({B, T, qdim}), wo);
 }
 
-// PythonSteps.kv_column (steps.row_kv plus the cache write), one new token per row (a row that skips the layer but
-// leaves K/V, plan kv="compute"): writes column `start` and returns the normed rows (the rows that do attend reuse them).
+// PythonSteps.kv (steps.row_kv plus the cache write) for one new token per row (a row that skips the layer but
+// leaves K/V, plan kv="compute"): writes column `start` and returns the normed rows (the attending rows reuse them).
 Tensor decode_kv(const Tensor& x, const Tensor& ln1, double eps, const Tensor& wkv, const std::optional<Tensor>& bkv,
                  const std::optional<Tensor>& k_norm, const Tensor& cos, const Tensor& sin, const Tensor& ck,
                  const Tensor& cv, int64_t start, int64_t Hk, int64_t hd) {

@@ -7,7 +7,7 @@ one-token specialisations, and defers to the reference otherwise; it computes th
 holds it to that). Why a compiled half at all, and why not ``torch.compile``: see ``engine/fused.py`` and the
 measurement in ``benchmarks/compile_vs_fused.py``.
 
-The forward loop (``engine/forward.py``) only ever calls ``steps.attn``, ``steps.kv_column`` and ``steps.ffn``; the
+The forward loop (``engine/forward.py``) only ever calls ``steps.attn``, ``steps.kv`` and ``steps.ffn``; the
 planned-layer pieces use the pure functions below (``attend``, ``row_kv``).
 """
 
@@ -86,14 +86,16 @@ class PythonSteps:
         o = attend(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], mask, is_causal)
         return x + w.lin(o.transpose(1, 2).reshape(B, T, w.qdim), w.wo)
 
-    def kv_column(self, w: LayerWeights, xf: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ck: torch.Tensor,
-                  cv: torch.Tensor, start: int) -> torch.Tensor:
-        """One new token per row, xf (B, D): write its K/V at column ``start`` and return the normed rows (the rows
-        that do attend reuse them)."""
-        B = xf.shape[0]
-        h = rms_norm(xf, w.ln1, self.eps)
-        ck[:, :, start], cv[:, :, start] = row_kv(w, h, cos.reshape(B, 1, self.hd), sin.reshape(B, 1, self.hd),
-                                                  self.Hk, self.hd, self.eps)
+    def kv(self, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ck: torch.Tensor,
+           cv: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Every row's K/V only, for x (B, T, D): written at columns [start, end); returns the normed rows (N, D)
+        (the rows that do attend reuse them)."""
+        B, T, D = x.shape
+        N, Hk, hd = B * T, self.Hk, self.hd
+        h = rms_norm(x.reshape(N, D), w.ln1, self.eps)
+        k, v = row_kv(w, h, cos.reshape(N, 1, hd), sin.reshape(N, 1, hd), Hk, hd, self.eps)
+        ck[:, :, start:end] = k.view(B, T, Hk, hd).transpose(1, 2)
+        cv[:, :, start:end] = v.view(B, T, Hk, hd).transpose(1, 2)
         return h
 
     def ffn(self, w: LayerWeights, xf: torch.Tensor) -> torch.Tensor:
@@ -121,9 +123,12 @@ class FusedSteps(PythonSteps):
         return self.mod.attn_rows(x, w.ln1, self.eps, w.wqkv, w.bqkv, w.wo, cos, sin, ck, cv, start, end, mask,
                                   is_causal, self.H, self.Hk, self.hd, SMALL_TQ)
 
-    def kv_column(self, w, xf, cos, sin, ck, cv, start):
-        return self.mod.decode_kv(xf, w.ln1, self.eps, w.wkv[0], w.bkv[0] if w.bkv else None, w.k_norm, cos, sin,
-                                  ck, cv, start, self.Hk, self.hd)
+    def kv(self, w, x, cos, sin, ck, cv, start, end):
+        B, T, D = x.shape
+        if T > 1:
+            return super().kv(w, x, cos, sin, ck, cv, start, end)
+        return self.mod.decode_kv(x.view(B, D), w.ln1, self.eps, w.wkv[0], w.bkv[0] if w.bkv else None, w.k_norm,
+                                  cos, sin, ck, cv, start, self.Hk, self.hd)
 
     def ffn(self, w, xf):
         return self.mod.ffn(xf, w.ln2, self.eps, w.wgu[0], w.wd)

@@ -28,6 +28,7 @@ KINDS: dict[str, tuple[bool, str]] = {
     "summary": (False, "Summarize the following text in two sentences.\n\n{passage}"),
     "explain": (False, "Explain in two sentences what this Python function does.\n\n```python\n{code}\n```"),
 }
+PASSAGE_KINDS = ("qa", "summary")  # the kinds built on a prose passage; the others on a function
 PLAN = (("qa", 5), ("rename", 4), ("docstring", 3), ("summary", 2), ("explain", 2))
 
 
@@ -81,28 +82,36 @@ def _spread(items: list[Any], n: int) -> list[Any]:
     return [items[int(k * step)] for k in range(n)]
 
 
+def _request(kind: str, item: tuple[str, str], rid: str) -> dict[str, Any]:
+    """One request of ``kind`` on a (title, passage) or (name, source) item."""
+    grounded, tpl = KINDS[kind]
+    if kind in PASSAGE_KINDS:
+        title, passage = item
+        text = tpl.format(title=title, passage=passage)
+    else:
+        name, src = item
+        text = tpl.format(name=name, new=f"{name}_v2", code=src)
+    return {"id": rid, "kind": kind, "grounded": grounded, "messages": [{"role": "user", "content": text}]}
+
+
 def chat_requests(code: str, prose: str, n: int) -> list[dict[str, Any]]:
     """Up to ``n`` requests of every kind in turn, spread over the functions and passages of any text (the draft
     head's training prompts come from training text this way, never from the evaluation files)."""
     funcs, passages = _functions(code), _passages(prose)
-    kinds = [k for k in KINDS if (passages if k in ("qa", "summary") else funcs)]
+    kinds = [k for k in KINDS if (passages if k in PASSAGE_KINDS else funcs)]
     if not kinds:
         return []
     out: list[dict[str, Any]] = []
     fi = pi = 0
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        grounded, tpl = KINDS[kind]
-        if kind in ("qa", "summary"):
-            title, passage = passages[(pi * 7919) % len(passages)]
+        if kind in PASSAGE_KINDS:
+            item = passages[(pi * 7919) % len(passages)]
             pi += 1
-            text = tpl.format(title=title, passage=passage)
         else:
-            name, src = funcs[(fi * 7919) % len(funcs)]
+            item = funcs[(fi * 7919) % len(funcs)]
             fi += 1
-            text = tpl.format(name=name, new=f"{name}_v2", code=src)
-        out.append({"id": f"{kind}-{i:04d}", "kind": kind, "grounded": grounded,
-                    "messages": [{"role": "user", "content": text}]})
+        out.append(_request(kind, item, f"{kind}-{i:04d}"))
     return out
 
 
@@ -115,18 +124,14 @@ def build_instruct(code: str, prose: str) -> list[dict[str, Any]]:
     out = []
     pi = fi = 0
     for kind, n in PLAN:
-        grounded, tpl = KINDS[kind]
         for _ in range(n):
-            if kind in ("qa", "summary"):
-                title, passage = psel[pi]
+            if kind in PASSAGE_KINDS:
+                item = psel[pi]
                 pi += 1
-                text = tpl.format(title=title, passage=passage)
             else:
-                name, src = fsel[fi]
+                item = fsel[fi]
                 fi += 1
-                text = tpl.format(name=name, new=f"{name}_v2", code=src)
-            out.append({"id": f"{kind}-{len(out):02d}", "kind": kind, "grounded": grounded,
-                        "messages": [{"role": "user", "content": text}]})
+            out.append(_request(kind, item, f"{kind}-{len(out):02d}"))
     return out
 
 

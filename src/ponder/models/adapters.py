@@ -40,6 +40,18 @@ def fingerprint(model: torch.nn.Module) -> str:
     return fp
 
 
+def translate(h: torch.Tensor, u: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A translator's map, h + (h u) v + b: one definition for training and for the exits that use it."""
+    return h + (h @ u) @ v + b
+
+
+def draft_feature(f: torch.Tensor, e: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                  norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """The draft head's next feature from feature ``f`` and token embedding ``e``: one definition for training and
+    for drafting."""
+    return f + F.linear(F.silu(F.linear(torch.cat([rms_norm(f, norm, eps), e], -1), w1, b1)), w2)
+
+
 def shipped_dir(model_name: str) -> Path | None:
     """Where the adapters shipped for a catalogue model live, or None."""
     here = Path(__file__).resolve()
@@ -47,6 +59,13 @@ def shipped_dir(model_name: str) -> Path | None:
         if p.is_dir():
             return p
     return None
+
+
+def shipped_adapter(model_name: str, kind: str) -> Path | None:
+    """The ``kind`` adapter shipped for a catalogue model (``adapters/<name>/<kind>.safetensors``), or None."""
+    d = shipped_dir(model_name)
+    p = d / f"{kind}.safetensors" if d is not None else None
+    return p if p is not None and p.is_file() else None
 
 
 @dataclass
@@ -62,8 +81,7 @@ class Translators:
         m = self.maps.get(depth)
         if m is None:
             return h
-        u, v, b = m
-        return h + (h @ u) @ v + b
+        return translate(h, *m)
 
     def has(self, depth: int) -> bool:
         return depth in self.maps
@@ -141,9 +159,15 @@ class DraftHead:
 
     def step(self, f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) features and (B,) tokens -> the next features and their reduced-vocabulary logits (B, Vr)."""
-        z = torch.cat([rms_norm(f, self.norm, self.eps), self.embed[x]], -1)
-        f2 = f + F.linear(F.silu(F.linear(z, self.w1, self.b1)), self.w2)
+        f2 = draft_feature(f, self.embed[x], self.w1, self.b1, self.w2, self.norm, self.eps)
         return f2, F.linear(rms_norm(f2, self.norm, self.eps), self.head)
+
+    @classmethod
+    def on(cls, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, vocab: torch.Tensor, embed: torch.Tensor,
+           norm: torch.Tensor, head: torch.Tensor, eps: float, card: dict[str, Any]) -> DraftHead:
+        """A head's weights put on a model: its dtype and device, and the LM head's rows for ``vocab``."""
+        dt, vocab = embed.dtype, vocab.long().to(embed.device)
+        return cls(w1.to(dt), b1.to(dt), w2.to(dt), vocab, embed, norm, head[vocab].contiguous(), eps, card)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"w1": self.w1.contiguous(), "b1": self.b1.contiguous(), "w2": self.w2.contiguous(),
@@ -153,7 +177,4 @@ class DraftHead:
 def load_draft_head(path: Path, model: torch.nn.Module, embed: torch.Tensor, norm: torch.Tensor,
                     head: torch.Tensor, eps: float) -> DraftHead:
     t, card = load_adapter(path, "draft-head", model)
-    vocab = t["vocab"].long().to(embed.device)
-    dt = embed.dtype
-    return DraftHead(t["w1"].to(dt), t["b1"].to(dt), t["w2"].to(dt), vocab, embed, norm, head[vocab].contiguous(),
-                     eps, card)
+    return DraftHead.on(t["w1"], t["b1"], t["w2"], t["vocab"], embed, norm, head, eps, card)

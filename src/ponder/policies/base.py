@@ -20,7 +20,7 @@ from ..engine.generate import GenerationResult, SamplingConfig, generate
 from ..engine.plan import LayerPlan
 from ..engine.stats import Stats
 from ..errors import PonderError
-from ..models.adapters import DraftHead, Translators, load_draft_head, load_translators, shipped_dir
+from ..models.adapters import DraftHead, Translators, load_draft_head, load_translators, shipped_adapter
 
 
 @dataclass
@@ -98,9 +98,8 @@ def exit_lens(engine: Engine, lens: str) -> Translators | None:
 
     def find() -> Translators | None:
         if lens == "auto":
-            d = shipped_dir(getattr(engine, "name", ""))
-            p = d / "translators.safetensors" if d is not None else None
-            if p is None or not p.is_file():
+            p = shipped_adapter(getattr(engine, "name", ""), "translators")
+            if p is None:
                 return None
             try:
                 return load_translators(p, engine.model, engine.dtype, engine.device)
@@ -116,9 +115,8 @@ def draft_head(engine: Engine, head: str) -> DraftHead:
     Refused with one line when there is none or it was trained for another base."""
     def find() -> DraftHead:
         if head == "auto":
-            d = shipped_dir(getattr(engine, "name", ""))
-            p = d / "draft-head.safetensors" if d is not None else None
-            if p is None or not p.is_file():
+            p = shipped_adapter(getattr(engine, "name", ""), "draft-head")
+            if p is None:
                 raise PonderError(f"no draft head is shipped for model {engine.name!r}; train one with "
                                   "`ponder train draft-head --model ...` and pass head=PATH")
         else:

@@ -41,11 +41,11 @@ from ..errors import PonderError
 from ..eval.envinfo import environment
 from ..eval.points import repo_data
 from ..eval.prompts import chat_requests
-from ..models.adapters import DraftHead, fingerprint, save_adapter
+from ..models.adapters import DraftHead, draft_feature, fingerprint, save_adapter
 from ..models.gguf_tokenizer import render_chat
 from ..models.llama import rms_norm
 from ..policies.calibration import calib_path
-from .translators import SEQ, training_text
+from .translators import SEQ, training_ids
 
 GEN_PROMPT, GEN_NEW, GEN_BATCH = 48, 80, 16
 UNROLL = 3  # chained steps per training position: drafts are chained at run time
@@ -108,8 +108,7 @@ class _Module(torch.nn.Module):
         self.w2 = torch.nn.Parameter(torch.zeros(D, H))  # starts as "the feature does not change"
 
     def forward(self, f, e, norm, eps):
-        z = torch.cat([rms_norm(f, norm, eps), e], -1)
-        return f + F.linear(F.silu(F.linear(z, self.w1, self.b1)), self.w2)
+        return draft_feature(f, e, self.w1, self.b1, self.w2, norm, eps)
 
 
 def train_head(engine: Engine, feats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], vocab: torch.Tensor,
@@ -171,10 +170,8 @@ def train_head(engine: Engine, feats: list[tuple[torch.Tensor, torch.Tensor, tor
 
 
 def as_draft_head(engine: Engine, mod: _Module, vocab: torch.Tensor, card: dict[str, Any]) -> DraftHead:
-    dt = engine.embed.dtype
-    return DraftHead(mod.w1.detach().to(dt), mod.b1.detach().to(dt), mod.w2.detach().to(dt), vocab.to(engine.device),
-                     engine.embed, engine.norm, engine.head[vocab.to(engine.device)].contiguous(),
-                     engine.cfg.rms_norm_eps, card)
+    return DraftHead.on(mod.w1.detach(), mod.b1.detach(), mod.w2.detach(), vocab, engine.embed, engine.norm,
+                        engine.head, engine.cfg.rms_norm_eps, card)
 
 
 @torch.inference_mode()
@@ -214,22 +211,13 @@ def train_draft_head(model: str, out: Path, tokens: int, generated: int, vocab_s
                      lr: float, eval_tokens: int, chat: int = 0, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     eng = load(model)
-    if eng.tokenizer is None:
-        raise PonderError(f"{model} has no tokenizer; the draft head is trained on text")
     V = eng.cfg.vocab_size
     if not 1 <= vocab_size <= V:
         raise PonderError(f"--vocab must be in [1, {V}] for this model, got {vocab_size}")
     out = Path(out).with_suffix("")
     out.parent.mkdir(parents=True, exist_ok=True)
     fcache = out.parent / (out.name + ".features.safetensors")
-    text, data = training_text(tokens * 5)
-    ids = eng.tokenizer.encode(text)[:tokens]
-    if ids and max(ids) >= eng.cfg.vocab_size:
-        raise PonderError(f"{model}'s tokenizer yields ids up to {max(ids)} but the model has {eng.cfg.vocab_size} "
-                          "embeddings; the tokenizer does not belong to this model")
-    n = (len(ids) // SEQ) * SEQ
-    if n < SEQ * 4:
-        raise PonderError(f"only {len(ids)} training tokens found; at least {SEQ * 4} are needed")
+    text, data, ids, n = training_ids(eng, model, tokens, SEQ * 4, "the draft head")
     if fcache.is_file():
         st = load_file(str(fcache))
         feats = [(st[f"f{i}"], st[f"y{i}"], st[f"x{i}"]) for i in (0, 1) if f"f{i}" in st]

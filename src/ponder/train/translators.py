@@ -40,7 +40,7 @@ from ..errors import PonderError
 from ..eval.envinfo import environment
 from ..eval.points import repo_data
 from ..eval.report import svg
-from ..models.adapters import Translators, fingerprint, save_adapter
+from ..models.adapters import Translators, fingerprint, save_adapter, translate
 from ..models.llama import rms_norm
 from ..policies.calibration import calib_path
 from .sources import _unit_hash, default_stdlib_dir, is_heldout_module, list_stdlib_files
@@ -65,6 +65,24 @@ def training_text(n_chars: int) -> tuple[str, dict[str, Any]]:
         used.append(f)
         total += len(t)
     return "\n\n".join(parts), {"calib": calib_path().name, "stdlib_files": len(used), "chars": total}
+
+
+def training_ids(engine: Engine, model: str, tokens: int, min_tokens: int, what: str
+                 ) -> tuple[str, dict[str, Any], list[int], int]:
+    """The training text (``training_text``), its first ``tokens`` ids and how many of them make whole ``SEQ``
+    windows; refused with one line for a model without a tokenizer, a tokenizer that is not the model's, or too
+    little text."""
+    if engine.tokenizer is None:
+        raise PonderError(f"{model} has no tokenizer; {what} is trained on text")
+    text, data = training_text(tokens * 5)
+    ids = engine.tokenizer.encode(text)[:tokens]
+    if ids and max(ids) >= engine.cfg.vocab_size:
+        raise PonderError(f"{model}'s tokenizer yields ids up to {max(ids)} but the model has "
+                          f"{engine.cfg.vocab_size} embeddings; the tokenizer does not belong to this model")
+    n = (len(ids) // SEQ) * SEQ
+    if n < min_tokens:
+        raise PonderError(f"only {len(ids)} training tokens found; at least {min_tokens} are needed")
+    return text, data, ids, n
 
 
 def _normalize(h: torch.Tensor) -> torch.Tensor:
@@ -166,7 +184,7 @@ def refine(engine: Engine, tr: Translators, chunks: torch.Tensor, ckpt: Path | N
             for d in depths:
                 h = states[d - 1][m:m + micro]
                 u, v, bb = params[d]
-                loss = loss + (p * (tp - logp(h + (h @ u) @ v + bb))).sum(-1).mean()
+                loss = loss + (p * (tp - logp(translate(h, u, v, bb)))).sum(-1).mean()
             opt.zero_grad()
             (loss / len(depths)).backward()
             opt.step()
@@ -240,19 +258,10 @@ def train_translators(model: str, out: Path, tokens: int, rank: int, ridge: floa
                       refine_tokens: int = 24576, lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     eng = load(model)
-    if eng.tokenizer is None:
-        raise PonderError(f"{model} has no tokenizer; translators are trained on text")
     L, D = eng.cfg.num_hidden_layers, eng.cfg.hidden_size
     if not 1 <= rank <= D:
         raise PonderError(f"--rank must be in [1, {D}] for this model, got {rank}")
-    text, data = training_text(tokens * 5)
-    ids = eng.tokenizer.encode(text)[:tokens]
-    if ids and max(ids) >= eng.cfg.vocab_size:
-        raise PonderError(f"{model}'s tokenizer yields ids up to {max(ids)} but the model has {eng.cfg.vocab_size} "
-                          "embeddings; the tokenizer does not belong to this model")
-    n = (len(ids) // SEQ) * SEQ
-    if n < SEQ * BATCH:
-        raise PonderError(f"only {len(ids)} training tokens found; at least {SEQ * BATCH} are needed")
+    _, data, ids, n = training_ids(eng, model, tokens, SEQ * BATCH, "a translator")
     chunks = torch.tensor(ids[:n]).view(-1, SEQ)
     out = Path(out).with_suffix("")
     ckpt = out.parent / (out.name + ".partial.safetensors")
