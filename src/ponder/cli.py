@@ -14,7 +14,6 @@ from tqdm import tqdm
 from .api import load
 from .encoders import cli as embed_cli
 from .engine.generate import SamplingConfig
-from .engine.stats import Stats
 from .errors import PonderError
 from .eval import bench_cli
 from .eval.metrics import evaluate_text, read_text
@@ -107,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stop = tuple(eng.stop_tokens) if not args.ignore_eos else ()
     sc = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stop_tokens=stop)
-    stats = Stats(eng.cfg, weight_bytes_per_param=eng.embed.element_size())
+    stats = eng.new_stats()
     streamed: list[int] = []
     printed = [0]
 

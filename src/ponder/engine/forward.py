@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..models import quant
 from ..models.config import ModelConfig
 from ..models.llama import LlamaModel, apply_rope, rms_norm, rope_tables
 from . import steps
@@ -51,8 +52,9 @@ class LayerWeights:
     qdim: int
     kvdim: int
     # The matrix product every half uses: the compiled kernels' (a few rows stream the weights once) when they are
-    # loaded, so the Python halves and the fused ones compute the same bits; F.linear otherwise.
-    lin: Callable[..., torch.Tensor] = F.linear
+    # loaded, so the Python halves and the fused ones compute the same bits; the Python reference otherwise
+    # (``quant.linear``: F.linear, after dequantising a block-quantised weight).
+    lin: Callable[..., torch.Tensor] = quant.linear
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.wqkv is not None:
@@ -78,14 +80,17 @@ class LayerWeights:
 
 
 def prepare_layers(model: LlamaModel, fuse: bool = True,
-                   lin: Callable[..., torch.Tensor] = F.linear) -> list[LayerWeights]:
+                   lin: Callable[..., torch.Tensor] = quant.linear) -> list[LayerWeights]:
     cfg = model.config
     qdim, kvdim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         bias = cfg.attention_bias
-        if fuse:
+        # Fusing concatenates rows: the parts must share one form (float, or one block type).
+        forms = {(t.dtype, t.shape[2] if quant.is_quantised(t) else 0) for t in
+                 (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight)}
+        if fuse and len(forms) == 1:
             wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             bqkv = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if bias else None
             wq, wkv = wqkv[:qdim], (wqkv[qdim:],)
@@ -170,14 +175,14 @@ class Engine:
         self.cfg: ModelConfig = model.config
         self.tokenizer = tokenizer
         mod = steps.compiled(model.model.embed_tokens.weight.device.type == "cpu", fuse)
-        self.lin: Callable[..., torch.Tensor] = mod.linear if mod is not None else F.linear
+        self.lin: Callable[..., torch.Tensor] = mod.linear if mod is not None else quant.linear
         self.layers = prepare_layers(model, fuse, self.lin)
         # The layer halves, chosen once: the compiled ones where they apply, the Python reference otherwise.
         self.steps: PythonSteps = steps.choose(self.cfg, self.layers, mod)
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
         self.head = model.head_weight
-        self.dtype = self.embed.dtype
+        self.dtype = self.norm.dtype  # the activations' (a block-quantised embedding's own dtype is uint8)
         self.device = self.embed.device
         self.inv_freq = model.inv_freq.to(self.device)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -189,6 +194,7 @@ class Engine:
         self.chat_template: str | None = None
         self.stop_tokens: tuple[int, ...] = tuple(self.cfg.eos_token_id)  # end-of-sequence / end-of-turn ids
         self.weights_form = str(self.dtype).removeprefix("torch.")
+        self.quantised = quant.is_quantised(self.layers[0].wd) if self.layers else False
         self.gguf: Any = None  # models.gguf.GGUFInfo when opened from a GGUF file
 
     # ---- small pieces, also used by policies ------------------------------------------------------------------
@@ -205,9 +211,32 @@ class Engine:
             t = self._rope = rope_tables(f, self.dtype)  # (n, 1, hd) each
         return t[0][positions], t[1][positions]
 
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids, for either weight form (a quantised table dequantises only these rows)."""
+        return quant.embedding(ids, self.embed)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (shared by every exit point)."""
         return self.lin(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.head)
+
+    @property
+    def weight_bytes_per_param(self) -> float:
+        """Bytes a layer weight takes per parameter as this engine holds it (Q4_1: 0.625, float32: 4): what the
+        stats count as read when a unit runs."""
+        w = self.layers[0]
+        ts = [w.wqkv] if w.wqkv is not None else [w.wq, *w.wkv]
+        ts += [w.wo, *w.wgu, w.wd]
+        return sum(quant.nbytes(t) for t in ts) / sum(quant.logical_shape(t)[0] * quant.logical_shape(t)[1]
+                                                      for t in ts)
+
+    @property
+    def head_bytes_per_param(self) -> float:
+        return quant.nbytes(self.head) / self.head.shape[0] / quant.logical_shape(self.head)[1]
+
+    def new_stats(self, record_tokens: bool = True) -> Stats:
+        """Counters sized for this engine's weights (bytes per parameter of its layers and of its head)."""
+        return Stats(self.cfg, weight_bytes_per_param=self.weight_bytes_per_param,
+                     head_bytes_per_param=self.head_bytes_per_param, record_tokens=record_tokens)
 
     def head_flops(self, n: int) -> float:
         return 2.0 * n * self.cfg.hidden_size * self.cfg.vocab_size
@@ -252,6 +281,8 @@ class Engine:
         None when that copy would exceed ``EXIT_STACK_MAX_BYTES`` (a 7B model's would be ~0.5 GB)."""
         st = getattr(self, "_exit_kv_stack", None)
         if st is None:
+            if self.quantised:  # block-quantised K/V weights have no batched product: one layer at a time
+                return None
             ls = self.layers
             w0 = ls[0].wkv
             size = sum(t.numel() * t.element_size() for t in w0) * len(ls)
@@ -285,7 +316,7 @@ class Engine:
             start, end = cache.length - T, cache.length
         positions = cache.positions(start, end)
         cos, sin = self.rope(positions, end)
-        x = F.embedding(ids, self.embed) if hidden is None else hidden
+        x = self.embedding(ids) if hidden is None else hidden
         ctx = StepContext(self, B, T, start, end, positions, phase, stats, cache)
         if stats is not None and first_layer == 0:
             stats.begin_step(B, T, start)

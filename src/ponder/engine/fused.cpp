@@ -175,6 +175,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_rows", &attn_rows);
   m.def("linear", &ponder::linear, "x W^T (+ b): the few-rows kernel for 3..max_rows rows, ATen otherwise",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b") = pybind11::none());
+  m.def("qlinear", &ponder::qlinear, "x W^T (+ b) for a block-quantised W (models/quant.py)", pybind11::arg("x"),
+        pybind11::arg("w"), pybind11::arg("b") = pybind11::none());
   m.def("set_isa", &ponder::set_isa);
   m.def("isa", &ponder::isa);
   m.def("set_max_rows", &ponder::set_max_rows);

@@ -12,17 +12,26 @@
 
 #include <algorithm>
 #include <atomic>
+#include <c10/util/Half.h>
+#include <cmath>
+#include <vector>
 #include <stdexcept>
 
 namespace ponder {
 namespace {
 
-enum Isa { kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+// Ordered: each level has everything below it. avx512vnni adds the byte dot product the quantised kernels use (the
+// float32 kernel runs the same AVX-512 code at both AVX-512 levels).
+enum Isa { kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Vnni = 4 };
 
 int detect() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512Vnni;
+  if (avx2 && __builtin_cpu_supports("avx512f")) return kAvx512;
+  if (avx2) return kAvx2;
   return kScalar;
 }
 
@@ -103,13 +112,13 @@ using RowsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, in
 
 template <int M>
 RowsFn pick_m(int isa) {
-  if (isa == kAvx512) return &rows_avx512<M>;
+  if (isa >= kAvx512) return &rows_avx512<M>;
   if (isa == kAvx2) return &rows_avx2<M>;
   return &rows_scalar<M>;
 }
 
 // The widest chunk of rows one pass takes: AVX2 has 16 registers, so 8 accumulators plus the weight vector.
-int chunk_rows(int isa) { return isa == kAvx512 ? 16 : 8; }
+int chunk_rows(int isa) { return isa >= kAvx512 ? 16 : 8; }
 
 RowsFn pick(int m, int isa) {
   switch (m) {
@@ -146,9 +155,137 @@ void few_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, in
   });
 }
 
+// ---- block-quantised weights (layout: models/quant.py) ------------------------------------------------------------
+// Why integer dot products: a Q4 weight would need four instructions per eight values to become float32 before a
+// multiply; quantising the activations once per call to int8 per 32-value block (llama.cpp's scheme: d = max|x| / 127,
+// q = round(x / d)) lets one byte-dot instruction do 32 multiply-adds of a block. What it costs: each activation
+// carries an error of at most d / 2, so |y - y_float| <= sum_b (d_b / 2) sum_{k in b} |w_k| per output (the tests
+// hold the kernels to that; the perplexity cost is in benchmarks/quant_decode.py).
+constexpr int kQK = 32;
+constexpr int kQ8_0 = 34, kQ4_0 = 18, kQ4_1 = 20;  // bytes per block, which is how a tensor names its type
+
+struct QActs {
+  std::vector<int8_t> q;  // (M, K) quants
+  std::vector<float> d;   // (M, K / 32) scales
+  std::vector<float> c;   // (M, K / 32) offset factors: Q4_0 -8 d sum(q), Q4_1 d sum(q), Q8_0 unused
+};
+
+void quantize_acts(const float* x, int64_t M, int64_t K, int qt, QActs& a) {
+  const int64_t nb = K / kQK;
+  a.q.resize(M * K);
+  a.d.resize(M * nb);
+  a.c.resize(M * nb);
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * K + b * kQK;
+      float amax = 0.f;
+      for (int i = 0; i < kQK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.0f;
+      const float inv = d != 0.f ? 1.0f / d : 0.f;
+      int sum = 0;
+      int8_t* qb = a.q.data() + r * K + b * kQK;
+      for (int i = 0; i < kQK; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xb[i] * inv));  // round half to even, as torch.round
+        qb[i] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      a.d[r * nb + b] = d;
+      a.c[r * nb + b] = qt == kQ4_0 ? -8.0f * d * static_cast<float>(sum) : d * static_cast<float>(sum);
+    }
+  }
+}
+
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+// The plain-loop kernel: the reference the vector ones are tested against, and the route on a CPU without AVX2.
+void qrows_scalar(const QActs& a, const uint8_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                  int64_t j0, int64_t m, int qt) {
+  const int64_t nb = K / kQK, qb = qt == kQ8_0 ? kQK : kQK / 2, rb = nb * qt;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    const uint16_t* dw = reinterpret_cast<const uint16_t*>(row + nb * qb);
+    for (int64_t j = j0; j < j0 + m; ++j) {
+      float sum = 0.f, off = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int8_t* xq = a.q.data() + j * K + b * kQK;
+        const uint8_t* q = row + b * qb;
+        int dot = 0;
+        for (int i = 0; i < kQK; ++i) {
+          const int wq = qt == kQ8_0 ? static_cast<int8_t>(q[i]) : (i < 16 ? q[i] & 0x0F : q[i - 16] >> 4);
+          dot += wq * xq[i];
+        }
+        sum += static_cast<float>(dot) * (half_to_float(dw[b]) * a.d[j * nb + b]);
+        if (qt != kQ8_0) off += half_to_float(qt == kQ4_0 ? dw[b] : dw[nb + b]) * a.c[j * nb + b];
+      }
+      y[j * N + n] = sum + off;
+    }
+  }
+}
+
 }  // namespace
 
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define QNS q_avx2
+#define PONDER_VNNI 0
+#include "qrows.inc"
+#undef PONDER_VNNI
+#undef QNS
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define QNS q_vnni
+#define PONDER_VNNI 1
+#include "qrows.inc"
+#undef PONDER_VNNI
+#undef QNS
+#pragma GCC pop_options
+
+namespace {
+
+// x (M, K) contiguous float32 against a quantised w of type qt (N rows) -> y (M, N).
+void quant_rows(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int qt) {
+  const int isa = current();
+  QActs a;
+  quantize_acts(x, M, K, qt, a);
+  const int64_t step = 8;
+  const int64_t grain = std::max<int64_t>(16, N / (4 * std::max(1, at::get_num_threads())));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t j0 = 0; j0 < M; j0 += step) {
+      const int m = static_cast<int>(std::min<int64_t>(step, M - j0));
+      if (isa >= kAvx512Vnni) q_vnni::pick(qt, m)(a, w, y + j0 * N, K, N, n0, n1, j0);
+      else if (isa >= kAvx2) q_avx2::pick(qt, m)(a, w, y + j0 * N, K, N, n0, n1, j0);
+      else qrows_scalar(a, w, y, K, N, n0, n1, j0, m, qt);
+    }
+  });
+}
+
+}  // namespace
+
+bool is_quantised(const at::Tensor& w) {
+  return w.scalar_type() == at::kByte && w.dim() == 3 &&
+         (w.size(2) == kQ8_0 || w.size(2) == kQ4_0 || w.size(2) == kQ4_1);
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(is_quantised(w), "qlinear: the weight is not in ponder's block layout (models/quant.py)");
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(w.size(1) * kQK == K, "qlinear: the activations have ", K, " values per row, the weight ", w.size(1) * kQK);
+  TORCH_CHECK(x.device().is_cpu() && w.is_contiguous(), "qlinear: CPU tensors, contiguous weight");
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  const int64_t M = K ? xc.numel() / K : 0;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
+  if (M) quant_rows(xc.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, K, N,
+                    static_cast<int>(w.size(2)));
+  if (b.has_value() && b->defined()) y.add_(*b);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  if (w.scalar_type() == at::kByte) return qlinear(x, w, b);
   const int64_t K = x.size(-1);
   const int64_t M = K ? x.numel() / K : 0;
   // Two rows stay with MKL: its sgemm is still as fast as one row there (measured: 16.1 vs 18.7 ms over the 120
@@ -173,13 +310,15 @@ void set_isa(const std::string& name) {
   else if (name == "scalar") v = kScalar;
   else if (name == "avx2") v = kAvx2;
   else if (name == "avx512") v = kAvx512;
-  else throw std::invalid_argument("unknown instruction set '" + name + "'; choose auto, avx512, avx2 or scalar");
+  else if (name == "avx512vnni") v = kAvx512Vnni;
+  else throw std::invalid_argument("unknown instruction set '" + name + "'; choose auto, avx512vnni, avx512, avx2 or scalar");
   if (v > detect()) throw std::invalid_argument("this CPU does not support " + name);
   g_isa.store(v);
 }
 
 std::string isa() {
   switch (current()) {
+    case kAvx512Vnni: return "avx512vnni";
     case kAvx512: return "avx512";
     case kAvx2: return "avx2";
     default: return "scalar";

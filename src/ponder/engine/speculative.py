@@ -131,8 +131,7 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     finish = ["length"] * B
     done = [False] * B
     # The engine's counts of what ran, for the caller's Stats; none without one (counting costs time per layer).
-    work = (Stats(engine.cfg, weight_bytes_per_param=engine.embed.element_size(), record_tokens=False)
-            if stats is not None else None)
+    work = engine.new_stats(record_tokens=False) if stats is not None else None
 
     def emit(col: list[int]) -> None:
         emit_column(col, out, done, finish, stop, on_token)

@@ -18,8 +18,9 @@ ATTN, FFN, KV = 1, 2, 4  # bits of the per-token unit map
 @dataclass
 class Stats:
     cfg: ModelConfig
-    weight_bytes_per_param: int = 4
+    weight_bytes_per_param: float = 4  # layer weights (Q4_1: 0.625)
     record_tokens: bool = True
+    head_bytes_per_param: float | None = None  # the LM head's, when it is stored differently (None: the layers')
     flops: float = 0.0  # executed per-token layer FLOPs (projections, attention core, FFN)
     dense_flops: float = 0.0  # what a dense model would have spent on the same tokens
     overhead_flops: float = 0.0  # policy-side work: extra LM-head calls, routers, similarity checks
@@ -92,7 +93,8 @@ class Stats:
     @property
     def head_weight_bytes(self) -> float:
         """Bytes of the LM head's weights, read once per call however many rows it serves."""
-        return self.cfg.hidden_size * self.cfg.vocab_size * self.weight_bytes_per_param
+        per = self.weight_bytes_per_param if self.head_bytes_per_param is None else self.head_bytes_per_param
+        return self.cfg.hidden_size * self.cfg.vocab_size * per
 
     def add_head_check(self, rows: int) -> None:
         """A policy consulting the LM head itself (an exit check): its FLOPs, and the head's weights read once."""

@@ -13,7 +13,6 @@ from typing import Any
 
 from ..engine.forward import Engine
 from ..engine.generate import score
-from ..engine.stats import Stats
 from ..errors import PonderError
 
 
@@ -47,7 +46,7 @@ def evaluate_text(engine: Engine, text: str, policy: Any = None, window: int | N
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         nbytes = len(engine.tokenizer.decode(ids[1:] if engine.cfg.bos_token_id is not None else ids).encode())
-    stats = Stats(engine.cfg, weight_bytes_per_param=engine.embed.element_size(), record_tokens=False)
+    stats = engine.new_stats(record_tokens=False)
     pf = (lambda: policy.planner(engine)) if policy is not None else None
     res = score(engine, ids, window, stride, pf, stats, progress=progress)
     nll = res.nll

@@ -25,7 +25,7 @@ from ..errors import PonderError
 
 
 def new_stats(engine: Engine, record_tokens: bool = False) -> Stats:
-    return Stats(engine.cfg, weight_bytes_per_param=engine.embed.element_size(), record_tokens=record_tokens)
+    return engine.new_stats(record_tokens=record_tokens)
 
 
 def _planner(policy: Any, engine: Engine):

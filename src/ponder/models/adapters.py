@@ -22,16 +22,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import PonderError
+from . import quant
 from .llama import rms_norm
 
 
 def fingerprint(model: torch.nn.Module) -> str:
     """sha256 (first 16 hex digits) of every weight's bytes in name order, as the engine holds them (so the same
-    weights in another dtype are another base). Cached on the module: ~0.5 s for a 135M model."""
+    weights in another dtype are another base). A block-quantised matrix counts as its dequantised float32 values:
+    a GGUF opened with native weights and the same file dequantised are one base (the adapters trained on one serve
+    the other). Cached on the module: ~0.5 s for a 135M model."""
     fp = getattr(model, "_ponder_fingerprint", None)
     if fp is None:
         h = hashlib.sha256()
         for name, t in sorted(model.state_dict().items()):
+            t = quant.dequantize(t) if quant.is_quantised(t) else t
             h.update(name.encode())
             h.update(str(t.dtype).encode())
             h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
@@ -159,15 +163,16 @@ class DraftHead:
 
     def step(self, f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) features and (B,) tokens -> the next features and their reduced-vocabulary logits (B, Vr)."""
-        f2 = draft_feature(f, self.embed[x], self.w1, self.b1, self.w2, self.norm, self.eps)
+        f2 = draft_feature(f, quant.rows(self.embed, x), self.w1, self.b1, self.w2, self.norm, self.eps)
         return f2, F.linear(rms_norm(f2, self.norm, self.eps), self.head)
 
     @classmethod
     def on(cls, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, vocab: torch.Tensor, embed: torch.Tensor,
            norm: torch.Tensor, head: torch.Tensor, eps: float, card: dict[str, Any]) -> DraftHead:
         """A head's weights put on a model: its dtype and device, and the LM head's rows for ``vocab``."""
-        dt, vocab = embed.dtype, vocab.long().to(embed.device)
-        return cls(w1.to(dt), b1.to(dt), w2.to(dt), vocab, embed, norm, head[vocab].contiguous(), eps, card)
+        dt, vocab = norm.dtype, vocab.long().to(embed.device)
+        return cls(w1.to(dt), b1.to(dt), w2.to(dt), vocab, embed, norm, quant.rows(head, vocab).to(dt).contiguous(),
+                   eps, card)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"w1": self.w1.contiguous(), "b1": self.b1.contiguous(), "w2": self.w2.contiguous(),

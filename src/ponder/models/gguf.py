@@ -23,6 +23,7 @@ import torch
 from gguf.quants import dequantize
 
 from ..errors import PonderError
+from . import quant
 from .config import ModelConfig
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -177,8 +178,22 @@ def check_memory(need: int, what: str) -> None:
                           "of memory is free; free memory, or use a smaller or more quantised model")
 
 
-def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], GGUFInfo, ModelConfig]:
-    """Dequantised float32 tensors under Hugging Face names, the file's info, and its ModelConfig."""
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_matrix_types(path: str | Path) -> set[str]:
+    """The tensor types of a GGUF's matrices (reads the header only)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise PonderError(f"GGUF file {p} does not exist" if not p.exists() else f"{p} is not a file")
+    return {t.tensor_type.name for t in _reader(p).tensors if len(t.shape) == 2}
+
+
+def read_gguf(path: str | Path, native: bool = False) -> tuple[dict[str, torch.Tensor], GGUFInfo, ModelConfig]:
+    """Tensors under Hugging Face names, the file's info, and its ModelConfig. By default every tensor is
+    dequantised to float32; with ``native`` the matrices of a type with a kernel (``quant.TYPES``) stay in their
+    blocks (``models/quant.py``'s layout) and a matrix of a quantised type without one is refused, never silently
+    widened."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise PonderError(f"GGUF file {p} does not exist" if not p.exists() else f"{p} is not a file")
@@ -190,7 +205,17 @@ def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], GGUFInfo, Mode
         raise PonderError(f"{p} has no token_embd.weight tensor; is it a language model GGUF?")
     cfg = config_from_fields(fields, n_vocab=int(emb.shape[-1]))
     arch = fields["general.architecture"]
-    need = sum(int(np.prod(t.shape)) for t in r.tensors) * 4
+
+    def keep(t: Any) -> bool:
+        return native and len(t.shape) == 2 and t.tensor_type.name in quant.TYPES
+
+    if native:
+        for t in r.tensors:
+            if len(t.shape) == 2 and t.tensor_type.name not in quant.TYPES + FLOAT_TYPES:
+                raise PonderError(f"{p}: tensor {t.name} is {t.tensor_type.name}, which has no native kernel "
+                                  f"(kernels: {', '.join(quant.TYPES)}); run it with --weights float32 to "
+                                  "dequantise it")
+    need = sum(int(t.n_bytes) if keep(t) else int(np.prod(t.shape)) * 4 for t in r.tensors)
     check_memory(need, str(p))
     counts: dict[str, int] = {}
     out: dict[str, torch.Tensor] = {}
@@ -199,18 +224,14 @@ def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], GGUFInfo, Mode
         tname = t.tensor_type.name
         counts[tname] = counts.get(tname, 0) + 1
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # ggml lists the fastest dimension first
-        try:
-            a = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise PonderError(f"{p}: tensor {t.name} has quantisation type {tname}, which ponder cannot dequantise; "
-                              f"supported: {', '.join(SUPPORTED_TYPES)}") from None
-        except (ValueError, IndexError) as e:
-            raise PonderError(f"{p}: tensor {t.name} is truncated or corrupt ({e}); re-download the file") from None
-        if a.size != int(np.prod(shape)):
-            raise PonderError(f"{p}: tensor {t.name} holds {a.size} values, its header says {shape}; the file is "
-                              "corrupt")
-        a = np.ascontiguousarray(a, dtype=np.float32).reshape(shape)
-        w = torch.from_numpy(a if a.flags.writeable else a.copy())
+        if keep(t):
+            raw = np.asarray(t.data)
+            if raw.size != shape[0] * shape[1] // quant.BLOCK * quant.BYTES[tname]:
+                raise PonderError(f"{p}: tensor {t.name} holds {raw.size} bytes, its header says {shape} "
+                                  f"{tname}; the file is corrupt")
+            w = quant.from_gguf_blocks(raw.reshape(shape[0], -1), tname)
+        else:
+            w = _dequantised(p, t, shape)
         if t.name == "rope_freqs.weight":
             rope_factors = w
             continue
@@ -230,6 +251,23 @@ def read_gguf(path: str | Path) -> tuple[dict[str, torch.Tensor], GGUFInfo, Mode
     main = max(mats, key=lambda n: counts[n]) if mats else ""
     info = GGUFInfo(p, arch, fields, counts, main)
     return out, info, cfg
+
+
+def _dequantised(p: Path, t: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor through the reference dequantiser, as float32 of its header's shape."""
+    tname = t.tensor_type.name
+    try:
+        a = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise PonderError(f"{p}: tensor {t.name} has quantisation type {tname}, which ponder cannot dequantise; "
+                          f"supported: {', '.join(SUPPORTED_TYPES)}") from None
+    except (ValueError, IndexError) as e:
+        raise PonderError(f"{p}: tensor {t.name} is truncated or corrupt ({e}); re-download the file") from None
+    if a.size != int(np.prod(shape)):
+        raise PonderError(f"{p}: tensor {t.name} holds {a.size} values, its header says {shape}; the file is "
+                          "corrupt")
+    a = np.ascontiguousarray(a, dtype=np.float32).reshape(shape)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
 def _hf_name(name: str) -> str | None:

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import PonderError
+from . import quant
 from .config import ModelConfig, rope_inv_freq
 from .llama import LlamaModel
 
@@ -71,16 +72,24 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch
                           f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
                           f"{'...' if len(unexpected) > 4 else ''}")
     for k, t in expected.items():
-        if tuple(weights[k].shape) != tuple(t.shape):
-            raise PonderError(f"tensor {k} has shape {tuple(weights[k].shape)} but config.json implies "
+        shape = quant.logical_shape(weights[k]) if quant.is_quantised(weights[k]) else tuple(weights[k].shape)
+        if shape != tuple(t.shape):
+            raise PonderError(f"tensor {k} has shape {shape} but config.json implies "
                               f"{tuple(t.shape)}; the config and weights belong to different models")
-    tgt = dtype or weights["model.embed_tokens.weight"].dtype
-    model.load_state_dict({k: v.to(tgt) for k, v in weights.items()}, assign=True, strict=False)
+    floats = {k: v for k, v in weights.items() if not quant.is_quantised(v)}
+    tgt = dtype or next(iter(floats.values())).dtype
+    model.load_state_dict({k: v.to(tgt) for k, v in floats.items()}, assign=True, strict=False)
+    for k, v in weights.items():  # block-quantised matrices stay as they are (their shape is not the float one)
+        if quant.is_quantised(v):
+            mod_name, _, attr = k.rpartition(".")
+            setattr(model.get_submodule(mod_name), attr, torch.nn.Parameter(v, requires_grad=False))
     model.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # the meta-device copy is useless
     return model.eval().requires_grad_(False)
 
 
-def load_folder(path: str | Path, dtype: torch.dtype | None = None) -> tuple[LlamaModel, Path]:
+def load_folder(path: str | Path, dtype: torch.dtype | None = None, quantize: str | None = None
+                ) -> tuple[LlamaModel, Path]:
+    """A checkpoint folder as a model; ``quantize`` ("q8_0", "q4_0", "q4_1") quantises its matrices first."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise PonderError(f"model folder {folder} does not exist; pass a local Hugging Face checkpoint folder "
@@ -88,4 +97,7 @@ def load_folder(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Lla
     if not folder.is_dir():
         raise PonderError(f"{folder} is a file; --model takes a checkpoint folder (config.json, *.safetensors)")
     cfg = ModelConfig.from_file(folder / "config.json")
-    return build_model(cfg, read_safetensors(folder), dtype), folder
+    weights = read_safetensors(folder)
+    if quantize:
+        weights = quant.quantize_state({k: v.float() for k, v in weights.items()}, quantize)
+    return build_model(cfg, weights, dtype), folder

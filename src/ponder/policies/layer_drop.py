@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..engine.forward import Engine
 from ..engine.plan import LayerPlan
@@ -53,7 +52,7 @@ def layer_importance(engine: Engine, texts: list[list[int]]) -> list[float]:
                     ids = torch.tensor(group[g:g + 4], device=engine.device)
                     B, T = ids.shape
                     outs = layer_states(engine, ids)
-                    ins = [F.embedding(ids, engine.embed)] + outs[:-1]  # layer i's input
+                    ins = [engine.embedding(ids)] + outs[:-1]  # layer i's input
                     base += _nll_sum(engine, ids, engine.logits(outs[-1]))
                     for i in range(L):
                         if i == L - 1:  # the last layer removed: its input goes straight to the head
