@@ -86,12 +86,30 @@ CALIB = torch.randint(3, 97, (6, 40), generator=torch.Generator().manual_seed(21
 TOL = 1e-4
 
 
+# Between two paths on block-quantised weights whose activations differ in the last float32 bits (attention summed in
+# another order): the kernels round each activation to one of 255 levels per 32-value block, so such a difference can
+# move one activation by a whole level (max|x| / 127 of its block) and an output by that level times its weights.
+TOL_Q = 1e-2
+
+
+def tol(engine) -> float:
+    return TOL_Q if engine.quantised else TOL
+
+
 @pytest.fixture(scope="session")
 def eng(tiny_folder):
     """The tiny random 8-layer Llama every policy test runs on."""
     import ponder.api as api
 
     return api.load(tiny_folder("llama", layers=8)[0])
+
+
+@pytest.fixture(scope="session")
+def qeng(tiny_folder):
+    """The same model quantised (Q4_1 layers, Q8_0 embedding) and run by the block kernels."""
+    import ponder.api as api
+
+    return api.load(tiny_folder("llama", layers=8)[0], quantize="q4_1")
 
 
 def score_stats(eng, pol, ids):

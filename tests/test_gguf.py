@@ -95,7 +95,7 @@ def test_logits_match_transformers(tmp_path, arch, qtype):
 
     f = tmp_path / f"{arch}-{qtype}.gguf"
     write_tiny_gguf(f, qtype, arch=arch, tied=arch != "qwen2")
-    eng = ponder.load(f)
+    eng = ponder.load(f, weights="float32")  # the float oracle: dequantised weights
     assert eng.cfg.attention_bias == (arch == "qwen2") and eng.cfg.qk_norm == (arch == "qwen3")
     ids = torch.tensor([[3, 17, 200, 5, 99, 42, 7, 250]])
     with torch.inference_mode():
@@ -111,7 +111,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
 
     f = tmp_path / "tiny.gguf"
     write_tiny_gguf(f, "Q8_0")
-    eng = ponder.load(f)
+    eng = ponder.load(f, weights="float32")  # the float oracle: dequantised weights
     prompt = [5, 60, 70, 80]
     ours = generate(eng, [prompt], SamplingConfig(max_new_tokens=12, stop_tokens=())).tokens[0]
     hf = _hf_model(f)
@@ -212,9 +212,11 @@ def test_supported_types_listed():
     assert set(TYPES) <= set(SUPPORTED_TYPES)
 
 
-def test_bench_on_a_gguf_runs_the_llamacpp_peers_or_says_how_to_add_them(tmp_path, capsys):
+@pytest.mark.parametrize("weights", ["float32", "native"])
+def test_bench_on_a_gguf_runs_the_llamacpp_peers_or_says_how_to_add_them(tmp_path, capsys, weights):
     """The bench opens a GGUF, and its llama.cpp rows either ran on the same prompt ids (the F32 file ponder writes
-    from its own weights gives ponder's greedy tokens) or say they were not run and which command adds them."""
+    from its own weights gives ponder's greedy tokens) or say they were not run and which command adds them. On
+    native weights the same-weights peer is llama.cpp on the file itself, and every row records the form."""
     import json
 
     from ponder.cli import main
@@ -228,7 +230,7 @@ def test_bench_on_a_gguf_runs_the_llamacpp_peers_or_says_how_to_add_them(tmp_pat
     args = ["bench", "--model", str(f), "--policies", "dense", "--budgets", "1", "--data", str(data), "--out",
             str(out), "--json", "--tokens", "200", "--kl-tokens", "100", "--prompts", "2", "--new-tokens", "6",
             "--probes", "0", "--repeats", "1", "--warmup", "0", "--batch", "2", "--prose", "none", "--threads", "1",
-            "--no-progress", "--no-report"]
+            "--no-progress", "--no-report", "--weights", weights]
     import os
 
     os.environ["PONDER_CACHE"] = str(tmp_path / "cache")
@@ -237,9 +239,17 @@ def test_bench_on_a_gguf_runs_the_llamacpp_peers_or_says_how_to_add_them(tmp_pat
     finally:
         del os.environ["PONDER_CACHE"]
     rows = {r["policy"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert {"dense", "dense-control", "transformers-generate", "llama.cpp-f32", "llama.cpp-file"} <= set(rows)
+    assert all(r["env"]["weights"].startswith("native" if weights == "native" else "float32")
+               for r in rows.values())
+    lc = ("llama.cpp-f32", "llama.cpp-file") if weights == "float32" else ("llama.cpp-file",)
+    assert {"dense", "dense-control", "transformers-generate", *lc} == set(rows)
+    if weights == "native":
+        r = rows["llama.cpp-file"]
+        if peers.llamacpp_version() is not None:
+            assert r["peer"]["weights"].startswith("Q8_0") and r["greedy_exact_match"] >= 0.5
+        return
     assert rows["transformers-generate"]["greedy_exact_match"] == 1.0
-    for name in ("llama.cpp-f32", "llama.cpp-file"):
+    for name in lc:
         r = rows[name]
         if peers.llamacpp_version() is None:
             assert r["status"] == "not-run" and "setup-peers.sh" in r["timing_notes"][0]

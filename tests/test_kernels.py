@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(mod is None, reason="the compiled kernels are no
 
 def _isas() -> list[str]:
     out = []
-    for name in ("scalar", "avx2", "avx512"):
+    for name in ("scalar", "avx2", "avx512", "avx512vnni"):
         try:
             mod.set_isa(name)
             out.append(name)
@@ -75,7 +75,7 @@ def test_few_rows_path_is_really_taken_and_can_be_switched_off():
 def test_unknown_or_unsupported_isa_is_refused():
     with pytest.raises(ValueError, match="unknown instruction set"):
         mod.set_isa("sse9")
-    assert mod.isa() in ("scalar", "avx2", "avx512")
+    assert mod.isa() in ("scalar", "avx2", "avx512", "avx512vnni")
 
 
 def test_other_dtypes_fall_back_to_aten():

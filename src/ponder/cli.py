@@ -36,6 +36,12 @@ def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
                         "(see `ponder models`)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--weights", default=None, choices=("native", "float32"),
+                   help="native: run a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are, with ponder's kernels (default for "
+                        "a quantised file on CPU); float32: dequantise them")
+    p.add_argument("--quantize", default=None, choices=("q8_0", "q4_0", "q4_1"),
+                   help="quantise a float model's matrices at load (the embedding in q8_0 for the 4-bit types) and "
+                        "run them natively")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     if policy:
         p.add_argument("--policy", default="dense", help="compute policy (see `ponder policies`)")
@@ -46,7 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
 def _setup(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
-    eng = load(args.model, dtype=args.dtype, device=args.device)
+    eng = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights, quantize=args.quantize)
     if eng.tokenizer is None:
         raise PonderError(f"{eng.path} has no tokenizer; the CLI needs one to read and write text")
     return eng

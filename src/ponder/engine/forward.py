@@ -79,6 +79,14 @@ class LayerWeights:
         return self.lin(F.silu(g) * u, self.wd)
 
 
+def kernel_layout(p: torch.nn.Parameter) -> None:
+    """A block-quantised matrix in the kernels' interleaved row groups (``quant.interleave``), in place, when its
+    rows allow: the same bits, read 8 rows at a time (measured over SmolLM2's matrices: 2.6 vs 4.2 ms at one row,
+    7.1 vs 16.6 at eight)."""
+    if quant.is_quantised(p) and not quant.is_interleaved(p) and p.shape[0] % quant.ROWS == 0:
+        p.data = quant.interleave(p.data)
+
+
 def prepare_layers(model: LlamaModel, fuse: bool = True,
                    lin: Callable[..., torch.Tensor] = quant.linear) -> list[LayerWeights]:
     cfg = model.config
@@ -86,6 +94,8 @@ def prepare_layers(model: LlamaModel, fuse: bool = True,
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
+        for lin_mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            kernel_layout(lin_mod.weight)
         bias = cfg.attention_bias
         # Fusing concatenates rows: the parts must share one form (float, or one block type).
         forms = {(t.dtype, t.shape[2] if quant.is_quantised(t) else 0) for t in
@@ -93,11 +103,12 @@ def prepare_layers(model: LlamaModel, fuse: bool = True,
         if fuse and len(forms) == 1:
             wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             bqkv = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if bias else None
-            wq, wkv = wqkv[:qdim], (wqkv[qdim:],)
+            split = [t.shape[0] for t in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)]  # rows or row groups
+            wq, wkv = wqkv[:split[0]], (wqkv[split[0]:],)
             bq, bkv = (bqkv[:qdim], (bqkv[qdim:],)) if bias else (None, None)
             wgu = (torch.cat([m.gate_proj.weight, m.up_proj.weight]),)
             # Point the module's own parameters into the fused storage so the model is held once, not twice.
-            a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data = wqkv.split((qdim, kvdim, kvdim))
+            a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data = wqkv.split(split)
             m.gate_proj.weight.data, m.up_proj.weight.data = wgu[0].chunk(2)
         else:
             wqkv = bqkv = None
@@ -179,6 +190,7 @@ class Engine:
         self.layers = prepare_layers(model, fuse, self.lin)
         # The layer halves, chosen once: the compiled ones where they apply, the Python reference otherwise.
         self.steps: PythonSteps = steps.choose(self.cfg, self.layers, mod)
+        kernel_layout(model.head_weight)  # (the tied embedding with it: its lookups unpack only their row groups)
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
         self.head = model.head_weight
@@ -231,7 +243,8 @@ class Engine:
 
     @property
     def head_bytes_per_param(self) -> float:
-        return quant.nbytes(self.head) / self.head.shape[0] / quant.logical_shape(self.head)[1]
+        n, k = quant.logical_shape(self.head)
+        return quant.nbytes(self.head) / (n * k)
 
     def new_stats(self, record_tokens: bool = True) -> Stats:
         """Counters sized for this engine's weights (bytes per parameter of its layers and of its head)."""

@@ -28,7 +28,8 @@ int detect() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+      __builtin_cpu_supports("avx512dq"))
     return kAvx512Vnni;
   if (avx2 && __builtin_cpu_supports("avx512f")) return kAvx512;
   if (avx2) return kAvx2;
@@ -168,6 +169,7 @@ struct QActs {
   std::vector<int8_t> q;  // (M, K) quants
   std::vector<float> d;   // (M, K / 32) scales
   std::vector<float> c;   // (M, K / 32) offset factors: Q4_0 -8 d sum(q), Q4_1 d sum(q), Q8_0 unused
+  std::vector<float> c8;  // Q8_0 on the 512-bit group route (weights shifted by +128): -128 d sum(q)
 };
 
 void quantize_acts(const float* x, int64_t M, int64_t K, int qt, QActs& a) {
@@ -175,6 +177,7 @@ void quantize_acts(const float* x, int64_t M, int64_t K, int qt, QActs& a) {
   a.q.resize(M * K);
   a.d.resize(M * nb);
   a.c.resize(M * nb);
+  if (qt == kQ8_0) a.c8.resize(M * nb);
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + r * K + b * kQK;
@@ -191,6 +194,7 @@ void quantize_acts(const float* x, int64_t M, int64_t K, int qt, QActs& a) {
       }
       a.d[r * nb + b] = d;
       a.c[r * nb + b] = qt == kQ4_0 ? -8.0f * d * static_cast<float>(sum) : d * static_cast<float>(sum);
+      if (qt == kQ8_0) a.c8[r * nb + b] = -128.0f * d * static_cast<float>(sum);
     }
   }
 }
@@ -222,6 +226,39 @@ void qrows_scalar(const QActs& a, const uint8_t* w, float* y, int64_t K, int64_t
   }
 }
 
+// The same for the interleaved layout (groups of 8 rows; models/quant.py `interleave`).
+void groups_scalar(const QActs& a, const uint8_t* w, float* y, int64_t K, int64_t N, int64_t g0, int64_t g1,
+                   int64_t j0, int64_t m, int qt) {
+  const int64_t nb = K / kQK, gb = 8 * qt, nq = qt == kQ8_0 ? 256 : 128;
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int r = 0; r < 8; ++r) {
+      for (int64_t j = j0; j < j0 + m; ++j) {
+        float sum = 0.f, off = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* blk = w + (g * nb + b) * gb;
+          const uint16_t* d = reinterpret_cast<const uint16_t*>(blk + nq);
+          const int8_t* xq = a.q.data() + j * K + b * kQK;
+          int dot = 0;
+          for (int k = 0; k < kQK; ++k) {
+            int wq;
+            if (qt == kQ8_0) {
+              wq = static_cast<int8_t>(blk[(k / 4) * 32 + r * 4 + k % 4]);
+            } else {
+              const int kk = k % 16;
+              const uint8_t byte = blk[(kk / 4) * 32 + r * 4 + kk % 4];
+              wq = k < 16 ? byte & 0x0F : byte >> 4;
+            }
+            dot += wq * xq[k];
+          }
+          sum += static_cast<float>(dot) * (half_to_float(d[r]) * a.d[j * nb + b]);
+          if (qt != kQ8_0) off += half_to_float(qt == kQ4_0 ? d[r] : d[8 + r]) * a.c[j * nb + b];
+        }
+        y[j * N + g * 8 + r] = sum + off;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 #pragma GCC push_options
@@ -234,7 +271,7 @@ void qrows_scalar(const QActs& a, const uint8_t* w, float* y, int64_t K, int64_t
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")
 #define QNS q_vnni
 #define PONDER_VNNI 1
 #include "qrows.inc"
@@ -244,11 +281,25 @@ void qrows_scalar(const QActs& a, const uint8_t* w, float* y, int64_t K, int64_t
 
 namespace {
 
-// x (M, K) contiguous float32 against a quantised w of type qt (N rows) -> y (M, N).
-void quant_rows(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int qt) {
+// x (M, K) contiguous float32 against a quantised w of type qt (N rows) -> y (M, N); `grouped`: the interleaved
+// layout (parallel over groups of 8 rows).
+void quant_rows(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int qt, bool grouped) {
   const int isa = current();
   QActs a;
   quantize_acts(x, M, K, qt, a);
+  if (grouped) {
+    const int64_t G = N / 8;
+    const int64_t grain = std::max<int64_t>(4, G / (4 * std::max(1, at::get_num_threads())));
+    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+      for (int64_t j0 = 0; j0 < M; j0 += 8) {
+        const int m = static_cast<int>(std::min<int64_t>(8, M - j0));
+        if (isa >= kAvx512Vnni) q_vnni::pick_groups(qt, m)(a, w, y + j0 * N, K, N, g0, g1, j0);
+        else if (isa >= kAvx2) q_avx2::pick_groups(qt, m)(a, w, y + j0 * N, K, N, g0, g1, j0);
+        else groups_scalar(a, w, y, K, N, g0, g1, j0, m, qt);
+      }
+    });
+    return;
+  }
   const int64_t step = 8;
   const int64_t grain = std::max<int64_t>(16, N / (4 * std::max(1, at::get_num_threads())));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -264,13 +315,15 @@ void quant_rows(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K
 }  // namespace
 
 bool is_quantised(const at::Tensor& w) {
-  return w.scalar_type() == at::kByte && w.dim() == 3 &&
-         (w.size(2) == kQ8_0 || w.size(2) == kQ4_0 || w.size(2) == kQ4_1);
+  if (w.scalar_type() != at::kByte || w.dim() != 3) return false;
+  const int64_t b = w.size(2) % 8 == 0 && w.size(2) > 40 ? w.size(2) / 8 : w.size(2);  // interleaved: 8 rows' bytes
+  return b == kQ8_0 || b == kQ4_0 || b == kQ4_1;
 }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   TORCH_CHECK(is_quantised(w), "qlinear: the weight is not in ponder's block layout (models/quant.py)");
-  const int64_t K = x.size(-1), N = w.size(0);
+  const bool grouped = w.size(2) > 40;
+  const int64_t K = x.size(-1), N = w.size(0) * (grouped ? 8 : 1);
   TORCH_CHECK(w.size(1) * kQK == K, "qlinear: the activations have ", K, " values per row, the weight ", w.size(1) * kQK);
   TORCH_CHECK(x.device().is_cpu() && w.is_contiguous(), "qlinear: CPU tensors, contiguous weight");
   const at::Tensor xc = x.to(at::kFloat).contiguous();
@@ -279,7 +332,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::optional
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
   if (M) quant_rows(xc.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, K, N,
-                    static_cast<int>(w.size(2)));
+                    static_cast<int>(grouped ? w.size(2) / 8 : w.size(2)), grouped);
   if (b.has_value() && b->defined()) y.add_(*b);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -93,6 +93,7 @@ class Bench:
         self._ref: DenseRef | None = None
         self._marks: list[tuple[str, float]] = []
         self.env = envinfo.environment(self.engine.device, self.engine.dtype)
+        self.env["weights"] = self.engine.weights_form  # every row's weight form: native blocks or float
         self.settings_fields = self.settings.key_fields(self.engine)
         self.skey = settings_hash(self.settings_fields)
 
@@ -470,7 +471,8 @@ def _control_verdict(tf: dict[str, Any]) -> dict[str, Any]:
 
 def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir: str | Path,
                  settings: BenchSettings, dtype: str | None = None, device: str | None = None,
-                 show_progress: bool = True, write_report: bool = True) -> dict[str, Any]:
+                 show_progress: bool = True, write_report: bool = True, weights: str | None = None,
+                 quantize: str | None = None) -> dict[str, Any]:
     """Measure every (policy, budget) point not yet in ``out_dir/results.jsonl``; returns a summary dict."""
     for p in (settings.data, settings.prose):
         if p:
@@ -483,7 +485,7 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
                           "with a name from `ponder models`, a Hugging Face folder or a .gguf file")
     fp = envinfo.model_fingerprint(folder)
     out = ResultsFile(out_dir, fp)  # refuses a folder holding another model's results before any work
-    engine = load(model, dtype=dtype, device=device)
+    engine = load(model, dtype=dtype, device=device, weights=weights, quantize=quantize)
     if engine.tokenizer is None:
         raise PonderError(f"{folder} has no tokenizer; the bench needs one to read its evaluation text")
     if policies == default_policies():
@@ -492,8 +494,16 @@ def run_lm_bench(model: str, policies: list[str], budgets: list[float], out_dir:
     todo: list[tuple[str, Any]] = []
     if not (out.has(point_key(bench.base_row("dense", 1.0))) and out.has(point_key(bench.base_row(CONTROL, 1.0)))):
         todo.append(("dense", None))
-    peers = [PEER] + ([LLAMACPP_F32] + ([LLAMACPP_FILE] if engine.gguf.file_type != "F32" else [])
-                      if getattr(engine, "gguf", None) is not None else [])
+    # llama.cpp on the weights ponder runs: the original file when ponder runs its blocks natively; an F32 copy of
+    # the dequantised weights (and the original file, what a user runs today) when ponder runs float32.
+    gg = getattr(engine, "gguf", None)
+    if gg is None or quantize:
+        lc = []
+    elif engine.quantised:
+        lc = [LLAMACPP_FILE]
+    else:
+        lc = [LLAMACPP_F32] + ([LLAMACPP_FILE] if gg.file_type != "F32" else [])
+    peers = [PEER] + lc
     for name in peers if settings.peer else []:
         if not out.has(point_key(bench.base_row(name, 1.0))):
             todo.append(("peer", name))

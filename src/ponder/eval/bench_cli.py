@@ -64,7 +64,7 @@ def run_lm(args: argparse.Namespace) -> int:
             raise PonderError(f"--{k.replace('_', '-')} must be positive, got {v}")
     settings = profile_settings(args.quick, **overrides)
     summary = run_lm_bench(args.model or DEFAULT_MODEL, policies, budgets, args.out, settings, dtype=args.dtype,
-                           device=args.device,
+                           device=args.device, weights=args.weights, quantize=args.quantize,
                            show_progress=not args.no_progress and not args.json, write_report=not args.no_report)
     return print_summary(summary, args.json, "bench", "point(s) measured", md_headline)
 
@@ -116,6 +116,11 @@ def add_subcommand(sub: Any) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     b.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    b.add_argument("--weights", default=None, choices=("native", "float32"),
+                   help="native: a GGUF's Q8_0/Q4_0/Q4_1 blocks through ponder's kernels (default for a quantised "
+                        "file on CPU); float32: dequantised")
+    b.add_argument("--quantize", default=None, choices=("q8_0", "q4_0", "q4_1"),
+                   help="quantise a float model at load and bench it natively")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     b.add_argument("--json", action="store_true", help="print one JSON summary instead of the table")
     b.set_defaults(fn=cmd_bench)

@@ -92,7 +92,8 @@ class BenchSettings:
         for k in ("data", "prose", "probes_file", "instruct_file"):  # a file's identity: its name and size
             p = d.get(k)
             d[k] = None if not p else f"{Path(p).name}:{Path(p).stat().st_size if Path(p).is_file() else 0}"
-        d.update(dtype=str(engine.dtype), device=str(engine.device), threads=torch.get_num_threads())
+        d.update(dtype=str(engine.dtype), device=str(engine.device), threads=torch.get_num_threads(),
+                 weights=engine.weights_form)
         return d
 
 

@@ -29,24 +29,31 @@ from ..errors import PonderError
 
 BLOCK = 32
 BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per 32-value block
+ROWS = 8  # rows per group of the interleaved layout
 _BY_BYTES = {b: n for n, b in BYTES.items()}
+_BY_GROUP_BYTES = {ROWS * b: n for n, b in BYTES.items()}
 TYPES = tuple(BYTES)  # the types with a kernel, by GGUF name
 
 
 def is_quantised(t: object) -> bool:
-    """True for a tensor in this module's block layout."""
+    """True for a tensor in either of this module's block layouts (planar rows, or interleaved row groups)."""
     return (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 3
-            and int(t.shape[2]) in _BY_BYTES)
+            and (int(t.shape[2]) in _BY_BYTES or int(t.shape[2]) in _BY_GROUP_BYTES))
+
+
+def is_interleaved(t: torch.Tensor) -> bool:
+    return is_quantised(t) and int(t.shape[2]) in _BY_GROUP_BYTES
 
 
 def qtype(t: torch.Tensor) -> str:
-    return _BY_BYTES[int(t.shape[2])]
+    b = int(t.shape[2])
+    return _BY_BYTES[b] if b in _BY_BYTES else _BY_GROUP_BYTES[b]
 
 
 def logical_shape(t: torch.Tensor) -> tuple[int, int]:
     """(N, K) of the matrix a quantised tensor holds (a float tensor's own shape otherwise)."""
     if is_quantised(t):
-        return int(t.shape[0]), int(t.shape[1]) * BLOCK
+        return int(t.shape[0]) * (ROWS if is_interleaved(t) else 1), int(t.shape[1]) * BLOCK
     return int(t.shape[0]), int(t.shape[1])
 
 
@@ -67,10 +74,62 @@ def _split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     return qs, d, m
 
 
+def interleave(t: torch.Tensor) -> torch.Tensor:
+    """Planar rows -> interleaved groups of 8 rows, the layout of the kernels' row-group route: per group and block,
+    the quants of 8 rows arranged so that one 32-byte load holds 4 consecutive values of each of the 8 rows (Q8_0:
+    8 such chunks; Q4: 4 chunks, each byte holding value c*4+i in its low nibble and 16+c*4+i in its high one),
+    then the 8 rows' f16 scales, then (Q4_1) their minimums. Why: one integer dot instruction then advances 8 output
+    rows at once against 4 broadcast activations, instead of one row whose 8 partial sums must be added up; a few
+    activation rows reuse each unpacked weight chunk. Shape (N/8, nb, 8 B); N must be a multiple of 8."""
+    N, nb, B = t.shape
+    if N % ROWS:
+        raise ValueError(f"interleave needs a multiple of {ROWS} rows, got {N}")
+    name = qtype(t)
+    qs, _, _ = _split(t)  # (N, nb, 32 | 16)
+    flat = t.reshape(N, nb * B)
+    qb = qs.shape[-1]
+    d = flat[:, nb * qb: nb * qb + 2 * nb].reshape(N // ROWS, ROWS, nb, 2).permute(0, 2, 1, 3)
+    G = N // ROWS
+    if name == "Q8_0":
+        q = qs.reshape(G, ROWS, nb, 8, 4).permute(0, 2, 3, 1, 4)  # (G, nb, chunk, row, 4)
+    else:
+        vals = torch.cat((qs & 0x0F, qs >> 4), -1)  # (N, nb, 32) values 0..31
+        lo = vals[..., :16].reshape(G, ROWS, nb, 4, 4)
+        hi = vals[..., 16:].reshape(G, ROWS, nb, 4, 4)
+        q = (lo | (hi << 4)).permute(0, 2, 3, 1, 4)  # (G, nb, chunk, row, 4)
+    parts = [q.reshape(G, nb, -1), d.reshape(G, nb, -1)]
+    if name == "Q4_1":
+        m = flat[:, nb * qb + 2 * nb:].reshape(G, ROWS, nb, 2).permute(0, 2, 1, 3)
+        parts.append(m.reshape(G, nb, -1))
+    return torch.cat(parts, -1).contiguous()
+
+
+def deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``interleave`` (a planar tensor is returned as it is)."""
+    if not is_interleaved(t):
+        return t
+    G, nb, GB = t.shape
+    name = qtype(t)
+    nq = 256 if name == "Q8_0" else 128
+    q = t[..., :nq]
+    if name == "Q8_0":
+        qs = q.reshape(G, nb, 8, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(G * ROWS, nb, 32)
+    else:
+        c = q.reshape(G, nb, 4, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(G * ROWS, nb, 16)
+        lo, hi = c & 0x0F, c >> 4  # values 0..15 and 16..31
+        qs = lo | (hi << 4)  # planar: byte j holds value j (low) and j + 16 (high)
+    d = t[..., nq:nq + 16].reshape(G, nb, ROWS, 2).permute(0, 2, 1, 3).reshape(G * ROWS, nb * 2)
+    parts = [qs.reshape(G * ROWS, -1), d]
+    if name == "Q4_1":
+        parts.append(t[..., nq + 16:].reshape(G, nb, ROWS, 2).permute(0, 2, 1, 3).reshape(G * ROWS, nb * 2))
+    return torch.cat(parts, -1).reshape(G * ROWS, nb, BYTES[name]).contiguous()
+
+
 def dequantize(t: torch.Tensor) -> torch.Tensor:
-    """float32 (N, K) values of a quantised tensor (a float tensor is returned as float32)."""
+    """float32 (N, K) values of a quantised tensor in either layout (a float tensor is returned as float32)."""
     if not is_quantised(t):
         return t.float()
+    t = deinterleave(t)
     N, nb, _ = t.shape
     name = qtype(t)
     qs, d, m = _split(t)
@@ -129,8 +188,16 @@ def quantize(w: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """float32 rows ``idx`` of a weight in either form (an embedding lookup, a reduced LM head)."""
-    return dequantize(t[idx.reshape(-1)]).view(*idx.shape, -1) if is_quantised(t) else t[idx]
+    """float32 rows ``idx`` of a weight in any form (an embedding lookup, a reduced LM head); an interleaved
+    tensor unpacks only the row groups that hold them."""
+    if not is_quantised(t):
+        return t[idx]
+    flat = idx.reshape(-1)
+    if is_interleaved(t):
+        groups, inv = torch.unique(flat // ROWS, return_inverse=True)
+        vals = dequantize(t[groups]).view(len(groups), ROWS, -1)
+        return vals[inv, flat % ROWS].view(*idx.shape, -1)
+    return dequantize(t[flat]).view(*idx.shape, -1)
 
 
 def embedding(ids: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -210,7 +210,7 @@ def chain_acceptance(engine: Engine, dh: DraftHead, ids: list[int], k: int) -> l
 def train_draft_head(model: str, out: Path, tokens: int, generated: int, vocab_size: int, hidden: int, epochs: int,
                      lr: float, eval_tokens: int, chat: int = 0, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    eng = load(model)
+    eng = load(model, weights="float32")  # trained against the float model (the native form shares its fingerprint)
     V = eng.cfg.vocab_size
     if not 1 <= vocab_size <= V:
         raise PonderError(f"--vocab must be in [1, {V}] for this model, got {vocab_size}")

@@ -257,7 +257,7 @@ def write_lens_plots(card: dict[str, Any], out: Path) -> list[Path]:
 def train_translators(model: str, out: Path, tokens: int, rank: int, ridge: float, eval_tokens: int,
                       refine_tokens: int = 24576, lr: float = 1e-3, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
-    eng = load(model)
+    eng = load(model, weights="float32")  # trained against the float model (the native form shares its fingerprint)
     L, D = eng.cfg.num_hidden_layers, eng.cfg.hidden_size
     if not 1 <= rank <= D:
         raise PonderError(f"--rank must be in [1, {D}] for this model, got {rank}")
