@@ -104,20 +104,36 @@ def _magnitude(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return mag
 
 
+@pytest.mark.parametrize("name", quant.TYPES)
+def test_interleaved_layout_is_the_same_bits(name):
+    q = quant.quantize(_weights(24, 96, 3), name)
+    g = quant.interleave(q)
+    assert quant.is_interleaved(g) and g.shape == (3, 3, 8 * quant.BYTES[name]) and quant.qtype(g) == name
+    assert quant.logical_shape(g) == (24, 96) and quant.nbytes(g) == quant.nbytes(q)
+    assert torch.equal(quant.deinterleave(g), q) and torch.equal(quant.dequantize(g), quant.dequantize(q))
+    ids = torch.tensor([[3, 17], [23, 3]])
+    assert torch.equal(quant.rows(g, ids), quant.rows(q, ids))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quant.interleave(q[:7])
+
+
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("name", quant.TYPES)
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 64])
-@pytest.mark.parametrize("K,N", [(32, 1), (96, 33), (576, 64), (1536, 17)])
-def test_kernel_matches_its_arithmetic(isa, name, rows, K, N):
+@pytest.mark.parametrize("K,N,layout", [(32, 1, "planar"), (96, 33, "planar"), (576, 64, "planar"),
+                                        (1536, 17, "planar"), (32, 8, "grouped"), (96, 40, "grouped"),
+                                        (1536, 64, "grouped")])
+def test_kernel_matches_its_arithmetic(isa, name, rows, K, N, layout):
     q = quant.quantize(_weights(N, K, K + N), name)
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, K + 1, generator=g)[:, 1:]  # an unaligned, non-contiguous view
     b = torch.randn(N, generator=g)
+    w = quant.interleave(q) if layout == "grouped" else q
     mod.set_isa(isa)
     try:
-        y = mod.qlinear(x, q)
-        yb = mod.linear(x.reshape(1, rows, K), q, b)  # through the general entry, 3-D, with a bias
+        y = mod.qlinear(x, w)
+        yb = mod.linear(x.reshape(1, rows, K), w, b)  # through the general entry, 3-D, with a bias
     finally:
         mod.set_isa("auto")
     ref = quant.linear_q8_reference(x, q)
@@ -148,16 +164,18 @@ def test_kernel_error_against_float_is_within_the_activation_rounding(name):
 
 
 @needs_kernels
-def test_every_isa_gives_the_same_integers():
+@pytest.mark.parametrize("layout", ["planar", "grouped"])
+def test_every_isa_gives_the_same_integers(layout):
     """The instruction sets differ only in float summation order: their results agree to the derived bound, and
     the forced set is the one reported."""
     got = {}
     q = quant.quantize(_weights(40, 192, 9), "Q4_1")
+    w = quant.interleave(q) if layout == "grouped" else q
     x = torch.randn(3, 192, generator=torch.Generator().manual_seed(2))
     for isa in _isas():
         mod.set_isa(isa)
         assert mod.isa() == isa
-        got[isa] = mod.qlinear(x, q)
+        got[isa] = mod.qlinear(x, w)
     mod.set_isa("auto")
     bound = (192 // 32 + 8) * U * _magnitude(x, q) * 2
     for v in got.values():
