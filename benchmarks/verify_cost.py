@@ -81,7 +81,7 @@ def main() -> int:
         sc = SamplingConfig(max_new_tokens=a.decode, temperature=0.0, stop_tokens=())
         dfns = {"ponder": lambda: generate(eng, [p], sc).decode_s / (a.decode - 1)}
         for name, lc in lcs.items():
-            dfns[name] = (lambda lc=lc: _lc_decode(lc, p, a.decode))
+            dfns[name] = (lambda lc=lc: lc.decode_step_s(p, a.decode))
         dt = timing.interleaved(dfns, warmup=1, repeats=5, min_seconds=2.0, max_repeats=15)
         out["decode_ms_per_token"] = {n: {k: round(1e3 * v[k], 3) for k in ("median", "min", "max")}
                                       for n, v in dt.items()}
@@ -96,22 +96,6 @@ def main() -> int:
         with open(a.json, "w") as f:
             f.write(text + "\n")
     return 0
-
-
-def _lc_decode(lc, p: list[int], n: int) -> float:
-    """Seconds per decode step of llama.cpp's greedy loop after its prefill (the same split as ponder's)."""
-    import time
-
-    lc.llm.reset()
-    t0 = None
-    got = 0
-    for _ in lc.llm.generate(p, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        got += 1
-        if got == 1:
-            t0 = time.perf_counter()
-        if got >= n:
-            break
-    return (time.perf_counter() - t0) / (n - 1)
 
 
 if __name__ == "__main__":

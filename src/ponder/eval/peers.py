@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,18 @@ class LlamaCpp:
     def prefill(self, ids: list[int]) -> None:
         self.llm.reset()
         self.llm.eval(ids)
+
+    def decode_step_s(self, ids: list[int], n: int) -> float:
+        """Seconds per decode step of the greedy loop after its prefill (the split ponder's generate reports)."""
+        self.llm.reset()
+        t0, got = 0.0, 0
+        for _ in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            got += 1
+            if got == 1:
+                t0 = time.perf_counter()
+            if got >= n:
+                break
+        return (time.perf_counter() - t0) / (n - 1)
 
     def extend(self, ids: list[int], keep: int) -> None:
         """Forward ``ids`` on a cache cut back to ``keep`` tokens (a speculative verification step)."""

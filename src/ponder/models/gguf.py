@@ -280,10 +280,15 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fields: dict[str, Any]) -> Path:
-    """Write float32 weights (Hugging Face names) as an F32 GGUF with ``fields``' tokenizer and chat metadata: the
-    file llama.cpp runs in the bench's same-weights peer row. Written to a temporary name and renamed, so an
-    interrupted write never leaves a half file behind."""
+def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fields: dict[str, Any],
+               qtype: str = "F32") -> Path:
+    """Write weights (Hugging Face names; block-quantised ones are dequantised first) as a GGUF with ``fields``'
+    tokenizer and chat metadata: F32, the file llama.cpp runs in the bench's same-weights peer row, or with every
+    matrix quantised to ``qtype`` (Q8_0, Q4_0, Q4_1; the gguf package's reference quantiser, llama.cpp's rounding),
+    so ponder and llama.cpp can run one quantised file. Written to a temporary name and renamed, so an interrupted
+    write never leaves a half file behind."""
+    if qtype != "F32" and qtype not in quant.TYPES:
+        raise PonderError(f"cannot write a {qtype} GGUF; choose F32 or one of {', '.join(quant.TYPES)}")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".part")
@@ -294,7 +299,7 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfi
         if k in skip or k.startswith("GGUF.") or k.startswith(f"{fields.get('general.architecture')}."):
             continue
         _add_field(w, k, v)
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType[f"MOSTLY_{qtype}"]))
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -319,12 +324,16 @@ def write_gguf(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfi
             if g is None:
                 continue
             name = f"blk.{int(parts[2])}.{g}"
-        a = t.detach().float().cpu()
+        a = quant.dequantize(t) if quant.is_quantised(t) else t.detach().float().cpu()
         if arch == "llama" and k.endswith(("q_proj.weight", "q_proj.bias")):
             a = permute_rows(a, cfg.num_attention_heads)
         elif arch == "llama" and k.endswith(("k_proj.weight", "k_proj.bias")):
             a = permute_rows(a, cfg.num_key_value_heads)
-        w.add_tensor(name, a.contiguous().numpy())
+        if qtype != "F32" and a.dim() == 2:
+            gt = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(a.contiguous().numpy(), gt), raw_dtype=gt)
+        else:
+            w.add_tensor(name, a.contiguous().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
