@@ -90,3 +90,16 @@ def test_console_script_entry_point():
     assert r.returncode == 0 and any(p["policy"] == "dense" for p in json.loads(r.stdout))
     ee = next(p for p in json.loads(r.stdout) if p["policy"] == "early-exit")
     assert ee["params"]["kv_fill"] == "state"  # users can see what a variant spec may set
+
+
+@needs_ref
+def test_quantize_runs_the_shipped_model_natively_and_refuses_native_on_floats(capsys):
+    """`--quantize` makes the block layouts from any float checkpoint (here `ref`); `--weights native` on float
+    weights says what to add instead."""
+    rc, out, _ = run(capsys, "generate", "--model", "ref", "--prompt", "def main():\n", "--max-new-tokens", "6",
+                     "--json", "--ignore-eos", "--quantize", "q4_1")
+    assert rc == 0
+    obj = json.loads(out)
+    assert len(obj["token_ids"]) == 6 and obj["weights"].startswith("native Q8_0 (embedding), Q4_1 (layers)")
+    rc, _, err = run(capsys, "generate", "--model", "ref", "--prompt", "x", "--weights", "native")
+    assert rc == 2 and "--quantize" in err and len(err.strip().splitlines()) == 1

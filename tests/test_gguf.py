@@ -258,3 +258,71 @@ def test_bench_on_a_gguf_runs_the_llamacpp_peers_or_says_how_to_add_them(tmp_pat
     if peers.llamacpp_version() is not None:
         assert rows["llama.cpp-f32"]["greedy_exact_match"] == 1.0  # the same weights: the same greedy tokens
         assert rows["llama.cpp-file"]["peer"]["weights"].startswith("Q8_0")
+
+
+# ---- native block-quantised weights ------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_native_load_keeps_the_blocks_and_their_values(tmp_path, qtype):
+    """The default for a quantised file on CPU: the matrices stay in their blocks (Q/K rows un-permuted as blocks),
+    and their values are the float load's bit for bit; the forward differs from float32 only by the activations'
+    int8 rounding."""
+    import ponder
+    from ponder.models import quant
+    from ponder.models.adapters import fingerprint
+
+    f = tmp_path / f"tiny-{qtype}.gguf"
+    write_tiny_gguf(f, qtype)
+    nat, flt = ponder.load(f), ponder.load(f, weights="float32")
+    assert nat.quantised and not flt.quantised and nat.weights_form.startswith(f"native {qtype} (")
+    for (k, a), (k2, b) in zip(sorted(nat.model.state_dict().items()), sorted(flt.model.state_dict().items())):
+        assert k == k2 and torch.equal(quant.dequantize(a), b.float()), k
+    assert quant.is_interleaved(nat.layers[0].wqkv)  # 512 rows: the kernels' 8-row groups
+    assert not quant.is_interleaved(nat.embed)  # 263 rows: planar, still quantised
+    assert fingerprint(nat.model) == fingerprint(flt.model)
+    ids = torch.tensor([[3, 17, 200, 5, 99, 42, 7, 250]])
+    a, b = nat.forward(ids).logits, flt.forward(ids).logits
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_quantised_gguf_written_by_ponder_reads_back_as_the_reference_blocks(tmp_path):
+    import ponder
+    from ponder.models import quant
+
+    src = tmp_path / "tiny.gguf"
+    hf = write_tiny_gguf(src, "F32")
+    flt = ponder.load(src)
+    assert not flt.quantised  # a float file stays float
+    out = write_gguf(tmp_path / "q8.gguf", flt.model.state_dict(), flt.cfg, flt.gguf.fields, qtype="Q8_0")
+    nat = ponder.load(out)
+    want = quant.quantize(torch.from_numpy(hf["model.layers.1.self_attn.q_proj.weight"]), "Q8_0")
+    assert torch.equal(quant.deinterleave(nat.model.model.layers[1].self_attn.q_proj.weight.data), want)
+    with pytest.raises(PonderError, match="cannot write a Q4_K GGUF"):
+        write_gguf(tmp_path / "x.gguf", flt.model.state_dict(), flt.cfg, flt.gguf.fields, qtype="Q4_K")
+
+
+def test_a_type_without_a_kernel_is_named_with_its_fallback(tmp_path, capsys):
+    import ponder
+
+    f = tmp_path / "tiny-q4k.gguf"
+    write_tiny_gguf(f, "Q4_K")
+    with pytest.raises(PonderError, match=r"Q4_K, which has no native kernel .*--weights float32"):
+        ponder.load(f, weights="native")
+    eng = ponder.load(f)  # the default: dequantised, and said so on stderr (never a silent slow path)
+    assert not eng.quantised and "no native kernel" in capsys.readouterr().err
+
+
+def test_quantize_and_weights_bad_combinations_are_one_line(tmp_path):
+    import ponder
+
+    f = tmp_path / "tiny.gguf"
+    write_tiny_gguf(f, "F32")
+    eng = ponder.load(f, quantize="q4_0")
+    assert eng.quantised and "--quantize q4_0" in eng.weights_form
+    with pytest.raises(PonderError, match="cannot be combined"):
+        ponder.load(f, quantize="q8_0", weights="float32")
+    with pytest.raises(PonderError, match="float32 activations"):
+        ponder.load(f, weights="native", dtype="bfloat16")
+    with pytest.raises(PonderError, match="unknown --weights"):
+        ponder.load(f, weights="int3")
+    with pytest.raises(PonderError, match="not supported; choose one of"):
+        ponder.load(f, quantize="q2_k")

@@ -122,6 +122,9 @@ def _native_default(file: Path, dev: torch.device) -> bool:
 
 def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str, weights: str | None = None,
                quantize: str | None = None) -> Engine:
+    if weights == "native" and not quantize and not set(gguf_matrix_types(file)) - set(FLOAT_TYPES):
+        raise PonderError(f"{file} holds float matrices; --weights native needs a quantised GGUF, or add "
+                          "--quantize q8_0|q4_0|q4_1 to quantise them")
     native = weights == "native" or (weights is None and not quantize and _native_default(file, dev))
     tensors, info, cfg = read_gguf(file, native=native and not quantize)
     if quantize:
