@@ -176,7 +176,8 @@ def main() -> int:
     (d / "results.json").write_text(json.dumps(out, indent=1) + "\n")
     hist = Path("benchmarks/results/HISTORY.md")
     dm, pf = out["decode_ms_per_token"], out["prefill_ms"]
-    line = (f"| {t_start.date()} | {d.name} | {out['env'].get('git_commit', '')} | decode Q4_1 ponder "
+    line = (f"| {t_start.date()} | {d.name} | {str(out['env'].get('git_commit', ''))[:7]} | {a.threads} threads | - "
+            f"| `benchmarks/quant_decode.py`: decode Q4_1 ponder "
             f"{dm['ponder_q4_1']['median']:.2f} / llama.cpp {dm['llamacpp_q4_1']['median']:.2f} ms, Q8_0 "
             f"{dm['ponder_q8_0']['median']:.2f} / {dm['llamacpp_q8_0']['median']:.2f}; prefill {pf['tokens']} Q4_1 "
             f"{pf['ponder_q4_1']['median']:.0f} / {pf['llamacpp_q4_1']['median']:.0f} ms; k=2/4/8 "

@@ -27,6 +27,7 @@ dense model's one per token are policy overhead.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..models import quant
 from .forward import Engine
 from .generate import GenerationResult, SamplingConfig, begin, distribution, emit_column, pick, prefill
 from .stats import Stats
@@ -145,7 +147,8 @@ def speculative_generate(engine: Engine, prompts: list[list[int]], sc: SamplingC
     dh = spec.draft_head
     if use_head and dh is None:
         raise ValueError("drafter 'head' needs a draft head (SpecConfig.draft_head)")
-    head_step_flops = 2.0 * (dh.w1.numel() + dh.w2.numel() + dh.head.numel()) if use_head else 0.0
+    head_step_flops = (2.0 * sum(math.prod(quant.logical_shape(t)) for t in (dh.w1, dh.w2, dh.head))
+                       if use_head else 0.0)
     hist = [list(p) for p in prompts]
     lookup_rounds = layer_rounds = head_rounds = 0
     # per draft position: rounds that reached it (all earlier drafts accepted), and of those the rounds that accepted it

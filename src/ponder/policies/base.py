@@ -121,7 +121,8 @@ def draft_head(engine: Engine, head: str) -> DraftHead:
                                   "`ponder train draft-head --model ...` and pass head=PATH")
         else:
             p = Path(head)
-        return load_draft_head(p, engine.model, engine.embed, engine.norm, engine.head, engine.cfg.rms_norm_eps)
+        return load_draft_head(p, engine.model, engine.embed, engine.norm, engine.head, engine.cfg.rms_norm_eps,
+                               engine.lin)
 
     return per_engine(engine, ("draft-head", head), find)
 
