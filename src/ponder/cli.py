@@ -24,7 +24,7 @@ from .models.gguf_tokenizer import render_chat
 from .policies import registry
 from .policies.calibration import calibration_ids
 from .policies.spec import parameters
-from .train import draft, translators
+from .train import draft, heal, translators
 from .train.corpus import build_all
 from .train.probes import build_eval
 from .train.recipe import main as train_main
@@ -204,7 +204,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_KINDS = {"translators": translators.main, "draft-head": draft.main}  # trained cheap paths for a frozen base model
+# trained cheap paths for a frozen base model
+TRAIN_KINDS = {"translators": translators.main, "draft-head": draft.main, "layer-heal": heal.main}
 
 
 def cmd_train(args: argparse.Namespace) -> int:

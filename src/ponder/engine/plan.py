@@ -10,11 +10,20 @@ row (the dense fast path, no gather); an empty tensor means no row (the unit's w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
 KVMode = Literal["compute", "none", "copy", "filled"]
+
+
+class Replacement(Protocol):
+    """A trained stand-in for a skipped layer's whole residual update (a healed layer drop): the update of rows
+    (n, D), and its cost per row for the stats."""
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def flops_per_row(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -33,16 +42,24 @@ class LayerPlan:
     attn: torch.Tensor | None = None
     ffn: torch.Tensor | None = None
     kv: KVMode = "compute"
+    # only with a whole-layer skip: the cheap path every row takes instead of the layer (``Replacement``)
+    replace: Replacement | None = None
+
+    def __post_init__(self) -> None:
+        if self.replace is not None and (self.attn is None or self.ffn is None or self.attn.numel()
+                                         or self.ffn.numel()):
+            raise ValueError("a replacement stands in for a whole skipped layer: attn and ffn must be empty")
 
     @property
     def dense(self) -> bool:
         return self.attn is None and self.ffn is None
 
     @staticmethod
-    def skip(device: torch.device | str = "cpu", kv: KVMode = "none") -> LayerPlan:
-        """Skip the whole layer for every row."""
+    def skip(device: torch.device | str = "cpu", kv: KVMode = "none", replace: Replacement | None = None
+             ) -> LayerPlan:
+        """Skip the whole layer for every row (optionally through a trained replacement)."""
         e = torch.empty(0, dtype=torch.long, device=device)
-        return LayerPlan(attn=e, ffn=e, kv=kv)
+        return LayerPlan(attn=e, ffn=e, kv=kv, replace=replace)
 
     @staticmethod
     def from_masks(attn: torch.Tensor | None, ffn: torch.Tensor | None, kv: KVMode = "compute") -> LayerPlan:

@@ -23,8 +23,9 @@ class _Tap(PlannerBase):
         self.outs.append(x)
 
 
-def layer_states(engine: Engine, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's output (B, T, D) for token ids ``x`` (B, T) from one dense scoring pass."""
+def layer_states(engine: Engine, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+    """Each layer's output (B, T, D) for token ids ``x`` (B, T) from one dense scoring pass (of the first ``last``
+    layers only, when given)."""
     tap = _Tap()
-    engine.forward(x, planner=tap, logits=None, phase="score")
+    engine.forward(x, planner=tap, logits=None, phase="score", last_layer=last)
     return tap.outs

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..engine.forward import Engine
+from ..models.adapters import shipped_adapter
 from ..policies import registry
 from ..policies.base import exit_lens, has_draft_head
 from .peers import LLAMACPP_F32, LLAMACPP_FILE, PEER
@@ -29,9 +30,11 @@ QUICK_BUDGETS = (0.9, 0.75)
 DEFAULT_VARIANTS: dict[str, tuple[float, ...]] = {"self-speculative:drafter=lookup": (1.0,),
                                                   "self-speculative:drafter=head": (1.0,),
                                                   "early-exit:lens=plain": (), "oracle:lens=plain": (),
-                                                  "self-speculative:lens=plain": (1.0,)}
+                                                  "self-speculative:lens=plain": (1.0,),
+                                                  "layer-drop:heal=auto": ()}
 PLAIN_TWIN = ":lens=plain"
 HEAD_DRAFTER = ":drafter=head"
+HEALED = ":heal=auto"
 
 
 def repo_data(name: str) -> Path:
@@ -122,12 +125,14 @@ def default_policies() -> list[str]:
 
 def drop_unshipped(points: list[Point], engine: Engine) -> list[Point]:
     """The default points without the rows that need an artefact this model does not ship (trained translators for
-    the plain-lens twins, a draft head for the head drafter)."""
+    the plain-lens twins, a draft head for the head drafter, a heal adapter for a healed drop at that budget)."""
     if exit_lens(engine, "auto") is None:
         points = [p for p in points if not p.policy.endswith(PLAIN_TWIN)]
     if not has_draft_head(engine):
         points = [p for p in points if not p.policy.endswith(HEAD_DRAFTER)]
-    return points
+    name = getattr(engine, "name", "")
+    return [p for p in points if not p.policy.endswith(HEALED)
+            or shipped_adapter(name, f"layer-heal-{p.budget:g}") is not None]
 
 
 def profile_settings(quick: bool, **overrides: Any) -> BenchSettings:

@@ -144,6 +144,36 @@ def load_translators(path: Path, model: torch.nn.Module, dtype: torch.dtype, dev
 
 
 @dataclass
+class LayerReplacement:
+    """A healed layer drop's stand-in for one dropped layer: its residual update approximated by a low-rank affine
+    map of the layer's input, (h u) v + b (ReplaceMe / LLM-Streamline's idea: fit a cheap map to what the removed
+    layers did, instead of retraining the ones that remain). Zero maps are the unhealed drop."""
+
+    u: torch.Tensor  # (D, r)
+    v: torch.Tensor  # (r, D)
+    b: torch.Tensor  # (D,)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return (h @ self.u) @ self.v + self.b
+
+    def flops_per_row(self) -> float:
+        return 2.0 * (self.u.numel() + self.v.numel())
+
+
+def load_replacements(path: Path, model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str
+                      ) -> tuple[dict[int, LayerReplacement], dict[str, Any]]:
+    """A ``layer-heal`` adapter: per dropped layer its replacement, and the card (budget, dropped layers)."""
+    tensors, card = load_adapter(path, "layer-heal", model)
+    layers = sorted({int(k.split(".")[0][1:]) for k in tensors})
+    reps = {i: LayerReplacement(*(tensors[f"l{i}.{k}"].to(dtype=dtype, device=device) for k in "uvb"))
+            for i in layers}
+    if sorted(reps) != sorted(card.get("dropped", [])):
+        raise PonderError(f"adapter {path} is inconsistent: its card drops {card.get('dropped')} but it holds maps "
+                          f"for {sorted(reps)}; retrain it with `ponder train layer-heal`")
+    return reps, card
+
+
+@dataclass
 class DraftHead:
     """A drafter on the model's final features (EAGLE's idea, as a residual MLP instead of EAGLE's decoder layer):
     from the final feature ``f`` that produced token ``x`` and ``x``'s embedding, the feature the model will have

@@ -18,6 +18,8 @@ import torch
 from ..engine.forward import Engine
 from ..engine.plan import LayerPlan
 from ..engine.states import layer_states
+from ..errors import PonderError
+from ..models.adapters import LayerReplacement, load_replacements, shipped_adapter
 from .base import Policy, StaticPlanner, per_engine, text_key
 from .registry import register
 
@@ -75,6 +77,11 @@ class LayerDrop(Policy):
     """Drops the least important whole layers for all tokens (ranked on calibration text)."""
 
     dropped: list[int] | None = field(default=None)  # set by calibrate; or give explicit layer indices
+    # "none": the plain drop; "auto": the healed drop shipped for this model and budget when there is one
+    # (adapters/<model>/layer-heal-<budget>), else plain; or a layer-heal adapter's path (`ponder train layer-heal`)
+    heal: str = "none"
+    replacements: dict[int, LayerReplacement] = field(default_factory=dict, repr=False, compare=False)
+    heal_card: dict = field(default_factory=dict, repr=False, compare=False)
 
     name: ClassVar[str] = "layer-drop"
     real: ClassVar[bool] = True
@@ -86,7 +93,26 @@ class LayerDrop(Policy):
         """Fewest layers whose removal brings the fraction of layer work to at most the budget."""
         return min(n_layers - 1, max(0, math.ceil((1.0 - self.budget) * n_layers - 1e-9)))
 
+    def _healed(self, engine: Engine) -> bool:
+        """Load the heal adapter this policy names, if any: its dropped layers and their replacements."""
+        if self.heal == "none":
+            return False
+        if self.heal == "auto":
+            p = shipped_adapter(getattr(engine, "name", ""), f"layer-heal-{self.budget:g}")
+            if p is None:
+                return False
+        else:
+            p = self.heal
+        reps, card = load_replacements(p, engine.model, engine.dtype, engine.device)
+        if abs(float(card.get("budget", -1)) - self.budget) > 1e-9:
+            raise PonderError(f"heal adapter {p} was trained for budget {card.get('budget')}, not {self.budget:g}; "
+                              f"train one with `ponder train layer-heal --budget {self.budget:g}`")
+        self.replacements, self.heal_card, self.dropped = reps, card, sorted(reps)
+        return True
+
     def calibrate(self, engine: Engine, texts: list[list[int]]) -> None:
+        if self._healed(engine):
+            return
         L = engine.cfg.num_hidden_layers
         k = self.n_drop(L)
         if k == 0:
@@ -106,5 +132,15 @@ class LayerDrop(Policy):
         if not self.dropped:
             return None
         L = engine.cfg.num_hidden_layers
-        skip = LayerPlan.skip(engine.device, kv="none")
-        return StaticPlanner([skip if i in self.dropped else None for i in range(L)])
+        return StaticPlanner([LayerPlan.skip(engine.device, kv="none", replace=self.replacements.get(i))
+                              if i in self.dropped else None for i in range(L)])
+
+    def params(self) -> dict:
+        return {k: v for k, v in super().params().items() if k not in ("replacements", "heal_card")}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.heal_card:  # a trained stand-in runs: not training-free, and the row says which
+            d["training_free"] = False
+            d["heal_used"] = {k: self.heal_card.get(k) for k in ("rank", "base_fingerprint", "dropped")}
+        return d
