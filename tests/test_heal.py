@@ -77,3 +77,29 @@ def test_train_heal_fits_the_dropped_layers_and_the_policy_loads_it(tmp_path):
         qpol.calibrate(qeng, calib)
     with pytest.raises(PonderError, match="trained for budget 0.75, not 0.5"):
         LayerDrop(budget=0.5, heal=str(tmp_path / "layer-heal-0.75.safetensors")).calibrate(eng, calib)
+
+
+def test_shipped_heal_adapters_match_their_base_and_card():
+    """The heal adapters shipped for the default model load on it, in its default (native) weight form, and their
+    cards say how they were made and what they scored."""
+    import json
+
+    from ponder import api
+    from ponder.models.adapters import load_replacements, shipped_dir
+
+    d = shipped_dir("smollm2")
+    files = sorted(d.glob("layer-heal-*.safetensors")) if d is not None else []
+    if not files:
+        pytest.skip("no heal adapters shipped for smollm2 in this tree")
+    try:
+        eng = api.load("smollm2")
+    except PonderError as e:
+        pytest.skip(f"SmolLM2 not installed: {e}")
+    for p in files:
+        card = json.loads(p.with_suffix(".json").read_text())
+        reps, _ = load_replacements(p, eng.model, eng.dtype, eng.device)
+        assert sorted(reps) == card["dropped"] and p.stem == f"layer-heal-{card['budget']:g}"
+        assert card["training"]["minutes"] > 0 and {"code.txt", "prose.txt"} <= set(card["heldout"])
+        pol = registry.get("layer-drop:heal=auto", card["budget"])
+        pol.calibrate(eng, [])
+        assert pol.dropped == card["dropped"] and pol.describe()["training_free"] is False
