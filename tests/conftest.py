@@ -12,6 +12,21 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 
 
+def available_isas(mod) -> list[str]:
+    """The instruction sets the compiled kernels accept on this CPU (each forced in turn by the kernel tests)."""
+    if mod is None:
+        return []
+    out = []
+    for name in ("scalar", "avx2", "avx512", "avx512vnni"):
+        try:
+            mod.set_isa(name)
+            out.append(name)
+        except ValueError:
+            pass
+    mod.set_isa("auto")
+    return out
+
+
 def hf_config(family: str, layers: int = 4, tie: bool = False):
     import transformers as tf
 

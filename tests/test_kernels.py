@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import available_isas
 from ponder.engine import fused
 
 mod = fused.load()
@@ -14,15 +15,7 @@ pytestmark = pytest.mark.skipif(mod is None, reason="the compiled kernels are no
 
 
 def _isas() -> list[str]:
-    out = []
-    for name in ("scalar", "avx2", "avx512", "avx512vnni"):
-        try:
-            mod.set_isa(name)
-            out.append(name)
-        except ValueError:
-            pass
-    mod.set_isa("auto")
-    return out
+    return available_isas(mod)
 
 
 def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:

@@ -21,6 +21,7 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from conftest import available_isas
 from ponder.engine import fused
 from ponder.errors import PonderError
 from ponder.models import quant
@@ -31,17 +32,7 @@ U = 2.0 ** -24
 
 
 def _isas() -> list[str]:
-    if mod is None:
-        return []
-    out = []
-    for name in ("scalar", "avx2", "avx512", "avx512vnni"):
-        try:
-            mod.set_isa(name)
-            out.append(name)
-        except ValueError:
-            pass
-    mod.set_isa("auto")
-    return out
+    return available_isas(mod)
 
 
 def _weights(N: int, K: int, seed: int) -> torch.Tensor:
