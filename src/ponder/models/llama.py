@@ -126,14 +126,19 @@ class LlamaModel(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Dense causal forward over whole sequences (training and reference); returns logits (B, T, V)."""
+    def forward(self, input_ids: torch.Tensor, replace: dict | None = None) -> torch.Tensor:
+        """Dense causal forward over whole sequences (training and reference); returns logits (B, T, V).
+        ``replace``: layer index -> a function of the residual state giving that layer's update instead (a healed
+        layer drop's stand-ins, trained through this forward)."""
         cfg = self.config
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(torch.arange(T, device=input_ids.device), x.dtype)
         H, Hk, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if replace is not None and i in replace:
+                x = x + replace[i](x)
+                continue
             a = layer.self_attn
             h = layer.input_layernorm(x)
             q = a.q_proj(h).view(B, T, H, hd)

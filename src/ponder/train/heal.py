@@ -1,7 +1,7 @@
 """Healed layer drop: a trained low-rank stand-in for each dropped layer, fitted on the frozen base.
 
-    ponder train layer-heal [--model smollm2] [--budget 0.75] [--rank 64] [--tokens 16384]
-                      [--out adapters/<model>/layer-heal-<budget>]
+    ponder train layer-heal [--model smollm2] [--budget 0.75] [--rank 64] [--tokens 49152] [--chat 8192]
+                            [--refine-tokens 24576] [--out adapters/<model>/layer-heal-<budget>]
 
 Why. Dropping whole layers is the simplest real saving, but on a real model a dropped layer's residual update is not
 negligible (SmolLM2 at budget 0.75: +278% perplexity unhealed). The layer-pruning papers heal the remaining layers
@@ -16,8 +16,9 @@ the plain row drop the same layers. The maps are fitted in order, shallow first,
 input to that layer (the earlier drops already replaced): the target is the dense model's state after the layer
 minus that input, so a map also corrects the drift the earlier drops left. Ridge regression on [h, 1] from float64
 sufficient statistics, reduced to rank r along the fitted values' principal directions (the same closed form as the
-exit translators). One layer sweep over all training chunks (two forward passes in all). Deterministic; resumable
-(each solved layer is checkpointed in ``<out>.partial.safetensors``). Measured on `ref`: the fit needs data (8k
+exit translators). One layer sweep over all training chunks (two forward passes in all); resumable (each solved
+layer is checkpointed in ``<out>.partial.safetensors``). Then, as the translators' second stage does, the maps are
+distilled end to end on KL(dense || healed) through the frozen remaining layers (``refine``). Measured on `ref`: the fit needs data (8k
 tokens made the held-out drop worse, 32k better), so the default is 49k.
 
 Held-out evaluation (the evaluation files, never trained on): perplexity of dense, the plain drop and the healed drop.
@@ -95,8 +96,36 @@ def fit(engine: Engine, chunks: list[torch.Tensor], dropped: list[int], rank: in
     return reps
 
 
+def refine(engine: Engine, chunks: list[torch.Tensor], reps: dict[int, LayerReplacement], tokens: int, lr: float,
+           progress: bool = True) -> dict[int, LayerReplacement]:
+    """Distil the stand-ins end to end, from the closed-form start: KL(dense || healed) over the full vocabulary,
+    back-propagated through the remaining (frozen) layers into the maps only, one streaming pass over ``tokens``
+    tokens of the training sequences (Adam). Why: the closed form matches each state in squared error, dominated by
+    a few large residual dimensions; the loss that matters is the next-token distribution."""
+    params = {i: [getattr(r, k).detach().clone().float().requires_grad_() for k in "uvb"] for i, r in reps.items()}
+    opt = torch.optim.Adam([t for ps in params.values() for t in ps], lr=lr)
+    model = engine.model
+    seqs = [c for c in chunks if len(c) == SEQ][: max(1, tokens // SEQ)]
+    bar = tqdm(total=len(seqs), desc="heal distillation", unit="seq", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    fns = {i: (lambda h, p=p: (h @ p[0]) @ p[1] + p[2]) for i, p in params.items()}
+    for b in range(0, len(seqs), BATCH):
+        ids = torch.stack(seqs[b:b + BATCH]).to(engine.device)
+        with torch.no_grad():
+            tp = torch.log_softmax(model(ids).float(), -1)
+        lp = torch.log_softmax(model(ids, replace=fns).float(), -1)
+        loss = (tp.exp() * (tp - lp)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(ids.shape[0])
+        bar.set_postfix(kl=f"{float(loss.detach()):.3f}")
+    bar.close()
+    return {i: LayerReplacement(*(t.detach().to(engine.dtype) for t in ps)) for i, ps in params.items()}
+
+
 def train_heal(model: str, out: Path, budget: float, rank: int, ridge: float, tokens: int, eval_tokens: int,
-               chat: int = 0, progress: bool = True) -> dict[str, Any]:
+               chat: int = 0, progress: bool = True, refine_tokens: int = 0, lr: float = 1e-3) -> dict[str, Any]:
     t0 = time.perf_counter()
     if not 0.0 < budget < 1.0:
         raise PonderError(f"--budget must be in (0, 1) for a layer drop to heal, got {budget}")
@@ -130,6 +159,9 @@ def train_heal(model: str, out: Path, budget: float, rank: int, ridge: float, to
                 reps[i] = LayerReplacement(*(st[f"l{i}.{k}"] for k in "uvb"))
     reps = fit(eng, chunks, dropped, rank, ridge, reps, ckpt, progress)
     fit_s = time.perf_counter() - t0
+    if refine_tokens:
+        reps = refine(eng, chunks, reps, refine_tokens, lr, progress)
+    refine_s = time.perf_counter() - t0 - fit_s
     # stored in float16 (half the file), evaluated as stored
     reps = {i: LayerReplacement(*(getattr(r, k).half().to(eng.dtype) for k in "uvb")) for i, r in reps.items()}
     plain = LayerDrop(budget=budget, dropped=dropped)
@@ -153,9 +185,10 @@ def train_heal(model: str, out: Path, budget: float, rank: int, ridge: float, to
             "data": {**data, "tokens": n, "chat_generated_tokens": sum(len(g) for g in gen),
                      "excludes": "data/eval/* (held-out stdlib modules and articles)"},
             "training": {"minutes": round((time.perf_counter() - t0) / 60, 2), "fit_s": round(fit_s, 1), "tokens": n,
-                         "forward_passes": 2},
+                         "forward_passes": 2, "distillation_s": round(refine_s, 1),
+                         "distillation_tokens": min(refine_tokens, n) if refine_tokens else 0, "lr": lr},
             "command": f"ponder train layer-heal --model {model} --budget {budget:g} --rank {rank} --ridge {ridge} "
-                       f"--tokens {tokens} --chat {chat}",
+                       f"--tokens {tokens} --chat {chat} --refine-tokens {refine_tokens} --lr {lr}",
             "machine": environment(eng.device, eng.dtype), "heldout": held}
     save_adapter(adapter,
                  {f"l{i}.{k}": getattr(r, k).half().contiguous() for i, r in reps.items() for k in "uvb"}, card)
@@ -171,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to the mean input variance")
     ap.add_argument("--tokens", type=int, default=49152, help="training tokens")
     ap.add_argument("--chat", type=int, default=8192, help="tokens of the model's own chat answers (0: none)")
+    ap.add_argument("--refine-tokens", type=int, default=24576,
+                    help="tokens of end-to-end KL distillation after the closed form (0: closed form only)")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per evaluation file")
     ap.add_argument("--out", default=None, help="adapter path without suffix (default "
                                                 "adapters/<model>/layer-heal-<budget>)")
@@ -179,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out) if a.out else Path("adapters") / Path(str(a.model)).stem / f"layer-heal-{a.budget:g}"
-    card = train_heal(a.model, out, a.budget, a.rank, a.ridge, a.tokens, a.eval_tokens, a.chat)
+    card = train_heal(a.model, out, a.budget, a.rank, a.ridge, a.tokens, a.eval_tokens, a.chat,
+                      refine_tokens=a.refine_tokens, lr=a.lr)
     print(f"dropped layers {card['dropped']}")
     for name, r in card["heldout"].items():
         print(f"{name}: perplexity dense {r['ppl_dense']:.3f}, plain drop {r['ppl_plain_drop']:.3f} "
