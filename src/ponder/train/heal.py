@@ -18,8 +18,8 @@ minus that input, so a map also corrects the drift the earlier drops left. Ridge
 sufficient statistics, reduced to rank r along the fitted values' principal directions (the same closed form as the
 exit translators). One layer sweep over all training chunks (two forward passes in all); resumable (each solved
 layer is checkpointed in ``<out>.partial.safetensors``). Then, as the translators' second stage does, the maps are
-distilled end to end on KL(dense || healed) through the frozen remaining layers (``refine``). Measured on `ref`: the fit needs data (8k
-tokens made the held-out drop worse, 32k better), so the default is 49k.
+distilled end to end on KL(dense || healed) through the frozen remaining layers (``refine``). Measured on `ref`: the
+closed form needs data (8k tokens made the held-out drop worse, 32k better), so the default is 49k.
 
 Held-out evaluation (the evaluation files, never trained on): perplexity of dense, the plain drop and the healed drop.
 """
