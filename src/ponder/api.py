@@ -90,8 +90,7 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
         raise PonderError(f"{target} is a file but not a .gguf; --model takes a checkpoint folder (config.json, "
                           "*.safetensors), a .gguf file, or a name from `ponder models`")
     if weights == "native" and not quantize:
-        raise PonderError(f"{target} holds float weights; --weights native needs a quantised GGUF, or add "
-                          "--quantize q8_0|q4_0|q4_1 to quantise them")
+        raise _float_native(target)
     model, folder = load_folder(target, dtype=dt, quantize=quantize)
     # A folder without tokenizer.json still serves token ids; text in or out then raises a clear error.
     tok = Tokenizer(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
@@ -100,17 +99,26 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     eng.path = folder
     eng.generation_config = _read_generation_config(folder)
     eng.chat_template = _folder_chat_template(folder)
-    eng.weights_form = (f"native {quant.describe(dict(model.state_dict()))}, quantised here by --quantize {quantize}"
+    eng.weights_form = (_native_form(model, f", quantised here by --quantize {quantize}")
                         if quantize else f"{str(dt).removeprefix('torch.')} (from safetensors)")
     return eng
 
 
-def _native_default(file: Path, dev: torch.device) -> bool:
-    """--weights unset: native when the file is quantised, every matrix has a kernel, and the device is a CPU."""
+def _float_native(target: Path) -> PonderError:
+    return PonderError(f"{target} holds float weights; --weights native needs a quantised GGUF, or add "
+                       "--quantize q8_0|q4_0|q4_1 to quantise them")
+
+
+def _native_form(model: LlamaModel, how: str) -> str:
+    """An engine's ``weights_form`` for native weights: each form and the parts it holds, then how it came."""
+    return f"native {quant.describe(dict(model.state_dict()))}{how}"
+
+
+def _native_default(file: Path, quantised: set[str], dev: torch.device) -> bool:
+    """--weights unset: native when the file is quantised (``quantised``: its quantised matrix types), every matrix
+    has a kernel, and the device is a CPU."""
     if dev.type != "cpu":
         return False
-    types = gguf_matrix_types(file)
-    quantised = {t for t in types if t not in FLOAT_TYPES}
     missing = sorted(quantised - set(quant.TYPES))
     if quantised and missing:
         print(f"ponder: {file.name} has {', '.join(missing)} matrices, which have no native kernel (kernels: "
@@ -122,10 +130,10 @@ def _native_default(file: Path, dev: torch.device) -> bool:
 
 def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str, weights: str | None = None,
                quantize: str | None = None) -> Engine:
-    if weights == "native" and not quantize and not set(gguf_matrix_types(file)) - set(FLOAT_TYPES):
-        raise PonderError(f"{file} holds float matrices; --weights native needs a quantised GGUF, or add "
-                          "--quantize q8_0|q4_0|q4_1 to quantise them")
-    native = weights == "native" or (weights is None and not quantize and _native_default(file, dev))
+    quantised = gguf_matrix_types(file) - set(FLOAT_TYPES)
+    if weights == "native" and not quantize and not quantised:
+        raise _float_native(file)
+    native = weights == "native" or (weights is None and not quantize and _native_default(file, quantised, dev))
     tensors, info, cfg = read_gguf(file, native=native and not quantize)
     if quantize:
         tensors = quant.quantize_state(tensors, quantize)
@@ -140,10 +148,9 @@ def _load_gguf(file: Path, dt: torch.dtype, dev: torch.device, name: str, weight
     eng.generation_config = {}
     eng.chat_template = info.chat_template
     if quantize:
-        eng.weights_form = (f"native {quant.describe(dict(model.state_dict()))}, quantised here by --quantize "
-                            f"{quantize} from GGUF {info.file_type}")
+        eng.weights_form = _native_form(model, f", quantised here by --quantize {quantize} from GGUF {info.file_type}")
     elif eng.quantised:
-        eng.weights_form = f"native {quant.describe(dict(model.state_dict()))} (GGUF {info.file_type})"
+        eng.weights_form = _native_form(model, f" (GGUF {info.file_type})")
     else:
         eng.weights_form = f"{str(dt).removeprefix('torch.')} (dequantised from GGUF {info.file_type})"
     return eng

@@ -282,48 +282,41 @@ void groups_scalar(const QActs& a, const uint8_t* w, float* y, int64_t K, int64_
 namespace {
 
 // x (M, K) contiguous float32 against a quantised w of type qt (N rows) -> y (M, N); `grouped`: the interleaved
-// layout (parallel over groups of 8 rows).
+// layout, whose work units are groups of 8 rows (one unit per row otherwise).
 void quant_rows(const float* x, const uint8_t* w, float* y, int64_t M, int64_t K, int64_t N, int qt, bool grouped) {
   const int isa = current();
   QActs a;
   quantize_acts(x, M, K, qt, a);
-  if (grouped) {
-    const int64_t G = N / 8;
-    const int64_t grain = std::max<int64_t>(4, G / (4 * std::max(1, at::get_num_threads())));
-    at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-      for (int64_t j0 = 0; j0 < M; j0 += 8) {
-        const int m = static_cast<int>(std::min<int64_t>(8, M - j0));
-        if (isa >= kAvx512Vnni) q_vnni::pick_groups(qt, m)(a, w, y + j0 * N, K, N, g0, g1, j0);
-        else if (isa >= kAvx2) q_avx2::pick_groups(qt, m)(a, w, y + j0 * N, K, N, g0, g1, j0);
-        else groups_scalar(a, w, y, K, N, g0, g1, j0, m, qt);
-      }
-    });
-    return;
-  }
-  const int64_t step = 8;
-  const int64_t grain = std::max<int64_t>(16, N / (4 * std::max(1, at::get_num_threads())));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t j0 = 0; j0 < M; j0 += step) {
-      const int m = static_cast<int>(std::min<int64_t>(step, M - j0));
-      if (isa >= kAvx512Vnni) q_vnni::pick(qt, m)(a, w, y + j0 * N, K, N, n0, n1, j0);
-      else if (isa >= kAvx2) q_avx2::pick(qt, m)(a, w, y + j0 * N, K, N, n0, n1, j0);
-      else qrows_scalar(a, w, y, K, N, n0, n1, j0, m, qt);
+  const int64_t units = grouped ? N / 8 : N;
+  const int64_t grain = std::max<int64_t>(grouped ? 4 : 16, units / (4 * std::max(1, at::get_num_threads())));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (int64_t j0 = 0; j0 < M; j0 += 8) {
+      const int m = static_cast<int>(std::min<int64_t>(8, M - j0));
+      if (isa >= kAvx512Vnni)
+        (grouped ? q_vnni::pick_groups(qt, m) : q_vnni::pick(qt, m))(a, w, y + j0 * N, K, N, u0, u1, j0);
+      else if (isa >= kAvx2)
+        (grouped ? q_avx2::pick_groups(qt, m) : q_avx2::pick(qt, m))(a, w, y + j0 * N, K, N, u0, u1, j0);
+      else
+        (grouped ? groups_scalar : qrows_scalar)(a, w, y, K, N, u0, u1, j0, m, qt);
     }
   });
 }
+
+// 8 for a weight in the interleaved layout (its last dimension holds 8 rows' block bytes), 1 for planar rows.
+int64_t rows_per_unit(const at::Tensor& w) { return w.size(2) % 8 == 0 && w.size(2) > 40 ? 8 : 1; }
 
 }  // namespace
 
 bool is_quantised(const at::Tensor& w) {
   if (w.scalar_type() != at::kByte || w.dim() != 3) return false;
-  const int64_t b = w.size(2) % 8 == 0 && w.size(2) > 40 ? w.size(2) / 8 : w.size(2);  // interleaved: 8 rows' bytes
+  const int64_t b = w.size(2) / rows_per_unit(w);
   return b == kQ8_0 || b == kQ4_0 || b == kQ4_1;
 }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   TORCH_CHECK(is_quantised(w), "qlinear: the weight is not in ponder's block layout (models/quant.py)");
-  const bool grouped = w.size(2) > 40;
-  const int64_t K = x.size(-1), N = w.size(0) * (grouped ? 8 : 1);
+  const int64_t per = rows_per_unit(w);
+  const int64_t K = x.size(-1), N = w.size(0) * per;
   TORCH_CHECK(w.size(1) * kQK == K, "qlinear: the activations have ", K, " values per row, the weight ", w.size(1) * kQK);
   TORCH_CHECK(x.device().is_cpu() && w.is_contiguous(), "qlinear: CPU tensors, contiguous weight");
   const at::Tensor xc = x.to(at::kFloat).contiguous();
@@ -332,7 +325,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const std::optional
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
   if (M) quant_rows(xc.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, K, N,
-                    static_cast<int>(grouped ? w.size(2) / 8 : w.size(2)), grouped);
+                    static_cast<int>(w.size(2) / per), per == 8);
   if (b.has_value() && b->defined()) y.add_(*b);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
