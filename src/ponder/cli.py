@@ -24,7 +24,7 @@ from .models.gguf_tokenizer import render_chat
 from .policies import registry
 from .policies.calibration import calibration_ids
 from .policies.spec import parameters
-from .train import draft, heal, translators
+from .train import draft, heal, router, translators
 from .train.corpus import build_all
 from .train.probes import build_eval
 from .train.recipe import main as train_main
@@ -46,6 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
     if policy:
         p.add_argument("--policy", default="dense", help="compute policy (see `ponder policies`)")
         p.add_argument("--budget", type=float, default=1.0, help="fraction of dense layer FLOPs, in (0, 1]")
+        p.add_argument("--router", default=None, help="a router adapter (`ponder train router`) for the router and "
+                                                      "first policies (default: the one shipped for the model)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of human output")
 
 
@@ -59,7 +61,12 @@ def _setup(args: argparse.Namespace):
 
 
 def _policy(args: argparse.Namespace, engine):
-    pol = registry.get(args.policy, args.budget)
+    kw = {}
+    if getattr(args, "router", None):
+        if not Path(args.router).is_file():
+            raise PonderError(f"--router {args.router} does not exist; train one with `ponder train router`")
+        kw["router"] = args.router
+    pol = registry.get(args.policy, args.budget, **kw)
     calibrate(pol, engine)
     return pol
 
@@ -205,7 +212,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # trained cheap paths for a frozen base model
-TRAIN_KINDS = {"translators": translators.main, "draft-head": draft.main, "layer-heal": heal.main}
+TRAIN_KINDS = {"translators": translators.main, "draft-head": draft.main, "layer-heal": heal.main,
+               "router": router.main}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -262,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with ponder's recipe (`ponder train --config FILE`)", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_train)
+    r = sub.add_parser("train-router", help="train a skip router under a budget (= `ponder train router`)",
+                       add_help=False)
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+    r.set_defaults(fn=lambda a: router.main(a.rest))
     d = sub.add_parser("data", help="build the training corpus, the evaluation files, or the instruction prompts")
     d.add_argument("action", choices=["build", "eval", "instruct"])
     d.add_argument("--out", required=True)

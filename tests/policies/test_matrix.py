@@ -31,8 +31,31 @@ def eng(request, eng):
     return eng if request.param == "float32" else request.getfixturevalue("qeng")
 
 
+_ROUTERS: dict[int, str] = {}
+
+
+def adapter_kw(name: str, eng) -> dict:
+    """A policy that runs a trained adapter gets one made for this very engine: a random router (its decisions
+    vary from token to token, which is what the flags' claims must survive)."""
+    if getattr(registry._REGISTRY[name], "adapter_kind", None) != "router":
+        return {}
+    if id(eng) not in _ROUTERS:
+        import tempfile
+        from pathlib import Path
+
+        from ponder.models.adapters import Router, fingerprint, save_adapter
+
+        g = torch.Generator().manual_seed(7)
+        L, D = eng.cfg.num_hidden_layers, eng.cfg.hidden_size
+        p = Path(tempfile.mkdtemp()) / "router.safetensors"
+        save_adapter(p, Router(torch.randn(L, 2, D, generator=g) * 0.3, torch.randn(L, 2, generator=g)).tensors(),
+                     {"kind": "router", "base_fingerprint": fingerprint(eng.model), "units": "attn+ffn"})
+        _ROUTERS[id(eng)] = str(p)
+    return {"router": _ROUTERS[id(eng)]}
+
+
 def make(name: str, budget: float, eng):
-    pol = registry.get(name, budget)
+    pol = registry.get(name, budget, **adapter_kw(name, eng))
     try:
         pol.calibrate(eng, CALIB)
         pol.planner(eng)

@@ -16,6 +16,7 @@ from ..engine.forward import Engine
 from ..models.adapters import shipped_adapter
 from ..policies import registry
 from ..policies.base import exit_lens, has_draft_head
+from ..policies.router import shipped_routers
 from .peers import LLAMACPP_F32, LLAMACPP_FILE, PEER
 
 CONTROL = "dense-control"
@@ -125,12 +126,15 @@ def default_policies() -> list[str]:
 
 def drop_unshipped(points: list[Point], engine: Engine) -> list[Point]:
     """The default points without the rows that need an artefact this model does not ship (trained translators for
-    the plain-lens twins, a draft head for the head drafter, a heal adapter for a healed drop at that budget)."""
+    the plain-lens twins, a draft head for the head drafter, a heal adapter for a healed drop at that budget, a
+    router for the learned router's rows)."""
     if exit_lens(engine, "auto") is None:
         points = [p for p in points if not p.policy.endswith(PLAIN_TWIN)]
     if not has_draft_head(engine):
         points = [p for p in points if not p.policy.endswith(HEAD_DRAFTER)]
     name = getattr(engine, "name", "")
+    if not shipped_routers(name):
+        points = [p for p in points if p.policy.split(":")[0] != "router"]
     return [p for p in points if not p.policy.endswith(HEALED)
             or shipped_adapter(name, f"layer-heal-{p.budget:g}") is not None]
 

@@ -111,6 +111,16 @@ def save_adapter(path: Path, tensors: dict[str, torch.Tensor], card: dict[str, A
     path.with_suffix(".json").write_text(json.dumps(card, indent=1) + "\n")
 
 
+def adapter_paths(out: Path) -> tuple[Path, Path]:
+    """For an adapter named ``out`` (with or without ``.safetensors``): its file and its training checkpoint
+    (``<name>.partial.safetensors``, what a resumed run continues from). Not ``with_suffix``: "router-0.75" has a
+    dot."""
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        out = out.with_suffix("")
+    return out.parent / (out.name + ".safetensors"), out.parent / (out.name + ".partial.safetensors")
+
+
 def load_adapter(path: Path, kind: str, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and card of an adapter file, after checking that it is a ``kind`` adapter for this very base."""
     path = Path(path)
@@ -225,3 +235,52 @@ def load_draft_head(path: Path, model: torch.nn.Module, embed: torch.Tensor, nor
                     head: torch.Tensor, eps: float, lin: Callable[..., torch.Tensor] = quant.linear) -> DraftHead:
     t, card = load_adapter(path, "draft-head", model)
     return DraftHead.on(t["w1"], t["b1"], t["w2"], t["vocab"], embed, norm, head, eps, card, lin)
+
+
+ROUTER_UNITS = {"attn+ffn": 2, "layer": 1}
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A router's run-logits for states ``x`` (..., D): a linear map of the RMS-normalised state, ``w`` (U, D),
+    ``b`` (U,). Written as a product and a last-axis sum, not a matmul: each row's reductions are then the same
+    whether it is decided alone or in a batch (a matmul's kernel, and so its rounding, changes with the row count),
+    so a decision never flips between a batch and its rows. One definition for training and for deciding."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (xf.unsqueeze(-2) * w).sum(-1) * r + b
+
+
+@dataclass
+class Router:
+    """Per layer a tiny linear decision module on the layer's input state (Router-Tuning / MindSkip's router, one
+    per unit): ``units`` "attn+ffn" gives two run-logits per token and layer (attention, FFN; decided together
+    before the layer, from its input), "layer" one (the whole layer). A unit runs where its logit plus the policy's
+    offset is positive; trained on a frozen base by distilling its dense logits under a budget
+    (``ponder train router``)."""
+
+    w: torch.Tensor  # (L, U, D) float32
+    b: torch.Tensor  # (L, U) float32
+    units: str = "attn+ffn"
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return router_logits(x, self.w[i], self.b[i])
+
+    def flops_per_row(self) -> float:
+        """Per token and layer: the normalisation and one dot product per unit."""
+        U, D = self.w.shape[1], self.w.shape[2]
+        return float(2 * U * D + 3 * D)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w.contiguous(), "b": self.b.contiguous()}
+
+
+def load_router(path: Path, model: torch.nn.Module, device: torch.device | str) -> Router:
+    """A ``router`` adapter for this very base (refused with one line otherwise)."""
+    t, card = load_adapter(path, "router", model)
+    units = card.get("units", "attn+ffn")
+    L, D = model.config.num_hidden_layers, model.config.hidden_size
+    if units not in ROUTER_UNITS or tuple(t["w"].shape) != (L, ROUTER_UNITS[units], D):
+        raise PonderError(f"router {path} is inconsistent (units {units!r}, weights {tuple(t['w'].shape)}); retrain "
+                          "it with `ponder train router`")
+    return Router(t["w"].float().to(device), t["b"].float().to(device), units, card)

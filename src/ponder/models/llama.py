@@ -8,6 +8,8 @@ only what an execution plan asks for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,10 +128,14 @@ class LlamaModel(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def forward(self, input_ids: torch.Tensor, replace: dict | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, replace: dict | None = None, gates: Callable | None = None
+                ) -> torch.Tensor:
         """Dense causal forward over whole sequences (training and reference); returns logits (B, T, V).
         ``replace``: layer index -> a function of the residual state giving that layer's update instead (a healed
-        layer drop's stand-ins, trained through this forward)."""
+        layer drop's stand-ins, trained through this forward). ``gates(i, x)``: from layer ``i``'s input, the
+        (B, T, 1) factors its attention and FFN updates are multiplied by, or None for 1 (a router in training:
+        a 0/1 gate is the skip the engine executes; K/V are projected for every token either way, as the engine's
+        ``kv="compute"`` leaves them)."""
         cfg = self.config
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
@@ -139,6 +145,7 @@ class LlamaModel(nn.Module):
             if replace is not None and i in replace:
                 x = x + replace[i](x)
                 continue
+            ga, gf = gates(i, x) if gates is not None else (None, None)
             a = layer.self_attn
             h = layer.input_layernorm(x)
             q = a.q_proj(h).view(B, T, H, hd)
@@ -150,8 +157,10 @@ class LlamaModel(nn.Module):
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=H != Hk
             )
-            x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, H * hd))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            u = a.o_proj(o.transpose(1, 2).reshape(B, T, H * hd))
+            x = x + (u if ga is None else ga * u)
+            m = layer.mlp(layer.post_attention_layernorm(x))
+            x = x + (m if gf is None else gf * m)
         x = self.model.norm(x)
         return F.linear(x, self.head_weight)
 

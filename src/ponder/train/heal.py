@@ -42,7 +42,7 @@ from ..errors import PonderError
 from ..eval.envinfo import environment
 from ..eval.metrics import evaluate_text
 from ..eval.points import repo_data
-from ..models.adapters import LayerReplacement, fingerprint, save_adapter
+from ..models.adapters import LayerReplacement, adapter_paths, fingerprint, save_adapter
 from ..policies.calibration import calib_path, calibration_ids
 from ..policies.layer_drop import LayerDrop
 from .draft import chat_generated
@@ -145,11 +145,7 @@ def train_heal(model: str, out: Path, budget: float, rank: int, ridge: float, to
     # budget 0.9 without them: held-out code +51.6% -> +27.5%, prose only +55% -> +50%).
     gen = chat_generated(eng, text, calib_path().read_text(), chat, progress) if chat else []
     chunks += [torch.tensor(g) for g in gen]
-    out = Path(out)
-    if out.suffix == ".safetensors":
-        out = out.with_suffix("")
-    adapter = out.parent / (out.name + ".safetensors")  # (not with_suffix: "layer-heal-0.75" has a dot)
-    ckpt = out.parent / (out.name + ".partial.safetensors")
+    adapter, ckpt = adapter_paths(out)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     reps: dict[int, LayerReplacement] = {}
     if ckpt.is_file():  # resume: the layers solved before the interruption
