@@ -1,7 +1,7 @@
 """Train a skip router on a frozen base model: distil its dense logits under a budget.
 
     ponder train router [--model smollm2] [--budget 0.75] [--units attn+ffn|layer]
-                        [--estimator ste|gumbel|reinforce] [--tokens 196608] [--minutes M] [--out PATH]
+                        [--estimator soft|ste|gumbel|reinforce] [--tokens 196608] [--minutes M] [--out PATH]
     (also ``ponder train-router ...``; under ``torchrun --nproc_per_node N`` the batches are split across ranks)
 
 What is trained. Per layer a linear run-logit per unit on the layer's RMS-normalised input (``Router``; 2 x 576 + 2
@@ -376,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.75, help="target fraction of dense per-token layer FLOPs")
     ap.add_argument("--units", default="attn+ffn", choices=tuple(ROUTER_UNITS),
                     help="attn+ffn: attention and FFN decided separately (MindSkip); layer: the whole layer")
-    ap.add_argument("--estimator", default="ste", choices=ESTIMATORS)
+    ap.add_argument("--estimator", default="soft", choices=ESTIMATORS,
+                    help="soft (default: the best of the four in benchmarks/router_estimators.py), ste, gumbel, "
+                         "reinforce")
     ap.add_argument("--tokens", type=int, default=196608, help="training tokens of the corpus (cycled)")
     ap.add_argument("--chat", type=int, default=8192, help="tokens of the model's own chat answers (0: none)")
     ap.add_argument("--steps", type=int, default=1000, help="optimiser steps of --batch x 256 tokens")
