@@ -49,9 +49,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..api import load
 from ..engine.forward import Engine
 from ..errors import PonderError
+from ..eval.envinfo import environment
+from ..eval.metrics import evaluate_text, text_ids
+from ..eval.points import repo_data
 from ..models.adapters import ROUTER_UNITS, Router, adapter_paths, fingerprint, router_logits, save_adapter
+from ..policies.budget import realized
+from ..policies.calibration import calib_path, calibration_ids
+from ..policies.router import SkipRouter
+from .draft import chat_generated
+from .translators import SEQ, training_ids
 
 ESTIMATORS = ("ste", "gumbel", "reinforce", "soft")
 CKPT_EVERY = 10
@@ -296,11 +305,6 @@ def train_router(engine: Engine, seqs: list[torch.Tensor], cfg: RouterTraining, 
 def heldout(engine: Engine, router_path: Path, budget: float, eval_tokens: int) -> dict[str, Any]:
     """The router as a user gets it (offset fitted on the calibration text) on the evaluation files: perplexity
     beside dense, and the realized fraction over 256-token windows with its spread."""
-    from ..eval.metrics import evaluate_text, text_ids
-    from ..eval.points import repo_data
-    from ..policies.budget import realized
-    from ..policies.calibration import calibration_ids
-    from ..policies.router import SkipRouter
 
     pol = SkipRouter(budget=budget, router=str(router_path))
     pol.calibrate(engine, calibration_ids(engine))
@@ -319,11 +323,6 @@ def heldout(engine: Engine, router_path: Path, budget: float, eval_tokens: int) 
 
 def run(model: str, out: Path, cfg: RouterTraining, tokens: int, chat: int, eval_tokens: int,
         progress: bool = True, batch: int = 4) -> dict[str, Any]:
-    from ..api import load
-    from ..eval.envinfo import environment
-    from ..policies.calibration import calib_path
-    from .draft import chat_generated
-    from .translators import SEQ, training_ids
 
     t0 = time.perf_counter()
     eng = load(model, weights="float32")  # trained on the float model (the native form shares its fingerprint)
