@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     for est in ESTIMATORS:
         if est in results:
             continue
-        cfg = RouterTraining(a.budget, estimator=est, steps=100_000, minutes=a.minutes)
+        # the multiplier settings the stored comparison ran with (before the CLI's became the defaults)
+        cfg = RouterTraining(a.budget, estimator=est, steps=100_000, minutes=a.minutes, dual_lr=0.5, rho=10.0)
         card = run(a.model, out / f"router-{est}", cfg, a.tokens, 0, a.eval_tokens, batch=4)
         results[est] = {"steps": card["training"]["steps"], "train_seconds": card["training"]["seconds"],
                         "final_train_kl": card["training"]["final_kl"],

@@ -11,9 +11,9 @@ from conftest import CALIB, tol
 from ponder.engine.plan import LayerPlan
 from ponder.errors import PonderError
 from ponder.models.adapters import Router, fingerprint, load_router, save_adapter
-from ponder.policies.base import StaticPlanner
+from ponder.policies.base import StaticPlanner, unit_shares
 from ponder.policies.router import SkipRouter
-from ponder.train.router import RouterTraining, routed_cost, train_router, unit_shares
+from ponder.train.router import RouterTraining, routed_cost, train_router
 
 
 def save_router(path, eng, w, b, units="attn+ffn", budget=0.5):
@@ -136,7 +136,8 @@ def test_a_trained_router_beats_a_random_one_at_the_same_budget(tmp_path, eng):
     """What training buys: at the same fitted budget, the trained router's outputs are closer to dense (KL) than
     those of a random router's."""
     seqs = [torch.tensor(c[:32]) for c in CALIB] * 2
-    r = train_router(eng, seqs, RouterTraining(0.7, steps=80, lr=0.1), batch=4, progress=False)
+    r = train_router(eng, seqs, RouterTraining(0.7, steps=80, lr=0.1, dual_lr=0.5, rho=10.0), batch=4,
+                     progress=False)
     trained = save_router(tmp_path / "trained.safetensors", eng, r.w, r.b)
 
     def kl(path):
@@ -260,3 +261,15 @@ def test_train_router_command_writes_an_adapter_the_cli_runs(tmp_path, capsys):
     rc = main(["eval", "--model", "ref", "--data", str(data), "--policy", "router", "--budget", "0.8",
                "--router", str(tmp_path / "nope.safetensors")])
     assert rc != 0 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not REF.is_file(), reason="models/ref not present")
+def test_the_default_bench_points_leave_out_every_router_row_where_no_router_ships():
+    """`ref` ships no router: neither `router` nor `first` (which reads the router's scores) may stay in its
+    default points, or `ponder bench --model ref` fails on them."""
+    import ponder
+    from ponder.eval.points import default_policies, drop_unshipped, plan_points
+
+    pts = drop_unshipped(plan_points(default_policies(), [0.9, 0.75]), ponder.load("ref"))
+    assert not {"router", "first"} & {p.policy.split(":")[0] for p in pts}
+    assert "layer-drop" in {p.policy for p in pts}

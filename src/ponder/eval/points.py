@@ -133,8 +133,8 @@ def drop_unshipped(points: list[Point], engine: Engine) -> list[Point]:
     if not has_draft_head(engine):
         points = [p for p in points if not p.policy.endswith(HEAD_DRAFTER)]
     name = getattr(engine, "name", "")
-    if not shipped_routers(name):
-        points = [p for p in points if p.policy.split(":")[0] != "router"]
+    if not shipped_routers(name):  # every policy that would look for a shipped router (router, first)
+        points = [p for p in points if getattr(registry.get(p.policy, p.budget), "router", None) != "auto"]
     return [p for p in points if not p.policy.endswith(HEALED)
             or shipped_adapter(name, f"layer-heal-{p.budget:g}") is not None]
 

@@ -180,4 +180,12 @@ def layer_flops_share(engine: Engine) -> tuple[float, float]:
     return c.attn_proj_params / tot, c.ffn_params / tot
 
 
+def unit_shares(engine: Engine) -> tuple[float, float, float]:
+    """Shares of a layer's per-token projection FLOPs: attention's Q and O, its K and V (paid by every token that
+    leaves K/V: ``kv="compute"``), the FFN's. The engine's stats count the same three."""
+    c = engine.cfg
+    tot = c.attn_proj_params + c.ffn_params
+    return (c.attn_proj_params - c.kv_proj_params) / tot, c.kv_proj_params / tot, c.ffn_params / tot
+
+
 _ = asdict  # re-exported convenience for subclasses' serialisation

@@ -28,6 +28,7 @@ import torch
 from ..engine.forward import Engine, PlannerBase, StepContext
 from ..engine.plan import LayerPlan
 from ..models.adapters import Router
+from .base import unit_shares
 from .registry import register
 from .router import SkipRouter
 
@@ -35,10 +36,8 @@ from .router import SkipRouter
 class FirstPlanner(PlannerBase):
     def __init__(self, engine: Engine, router: Router, offset: float, prefix: int):
         self.r, self.off, self.prefix, self.D = router, offset, prefix, engine.cfg.hidden_size
-        c = engine.cfg
-        tot = c.attn_proj_params + c.ffn_params
-        self.wts = torch.tensor([(c.attn_proj_params - c.kv_proj_params) / tot, c.ffn_params / tot],
-                                dtype=torch.float64, device=engine.device)
+        qo, _, ffn = unit_shares(engine)
+        self.wts = torch.tensor([qo, ffn], dtype=torch.float64, device=engine.device)
         self.keep: list[torch.Tensor | bool] = []  # per layer: (B,) bool, or True / False for every row
         self.plans: dict[tuple[int, int], LayerPlan | None] = {}  # (layer, step length) -> plan
 

@@ -56,6 +56,7 @@ from ..eval.envinfo import environment
 from ..eval.metrics import evaluate_text, text_ids
 from ..eval.points import repo_data
 from ..models.adapters import ROUTER_UNITS, Router, adapter_paths, fingerprint, router_logits, save_adapter
+from ..policies.base import unit_shares
 from ..policies.budget import realized
 from ..policies.calibration import calib_path, calibration_ids
 from ..policies.router import SkipRouter
@@ -81,8 +82,8 @@ class RouterTraining:
     estimator: str = "ste"
     lr: float = 2e-2
     w_lr_scale: float = 0.05
-    dual_lr: float = 0.5
-    rho: float = 10.0
+    dual_lr: float = 2.0
+    rho: float = 0.0
     lam_max: float = 5.0
     steps: int = 10_000
     minutes: float | None = None
@@ -103,14 +104,6 @@ class RouterTraining:
             raise PonderError(f"unknown router start {self.start!r}; choose static or dense")
         if self.units not in ROUTER_UNITS:
             raise PonderError(f"unknown router units {self.units!r}; choose one of: {', '.join(ROUTER_UNITS)}")
-
-
-def unit_shares(engine: Engine) -> tuple[float, float, float]:
-    """Shares of a layer's per-token projection FLOPs: attention's Q and O, its K and V (paid by every token:
-    ``kv="compute"``), the FFN's. The engine's stats count the same three."""
-    c = engine.cfg
-    tot = c.attn_proj_params + c.ffn_params
-    return (c.attn_proj_params - c.kv_proj_params) / tot, c.kv_proj_params / tot, c.ffn_params / tot
 
 
 def routed_cost(ga: torch.Tensor, gf: torch.Tensor, shares: tuple[float, float, float]) -> torch.Tensor:
@@ -262,8 +255,7 @@ def train_router(engine: Engine, seqs: list[torch.Tensor], cfg: RouterTraining, 
             with torch.no_grad():
                 tp = torch.log_softmax(model(mb).float(), -1)
             g = Gates(w, b, cfg.units, cfg.estimator, tau, gen)
-            # bfloat16 for the routed pass (AMX/AVX-512 BF16 matmuls: ~1.5x the step rate, measured); the
-            # teacher stays float32, so the target is the model's own distribution
+            # (bfloat16 for the routed pass only when BF16 is set: see there)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=engine.device.type == "cpu" and BF16):
                 lp = torch.log_softmax(model(mb, gates=g).float(), -1)
             kl_tok = (tp.exp() * (tp - lp)).sum(-1)  # (b, T)
@@ -305,7 +297,6 @@ def train_router(engine: Engine, seqs: list[torch.Tensor], cfg: RouterTraining, 
 def heldout(engine: Engine, router_path: Path, budget: float, eval_tokens: int) -> dict[str, Any]:
     """The router as a user gets it (offset fitted on the calibration text) on the evaluation files: perplexity
     beside dense, and the realized fraction over 256-token windows with its spread."""
-
     pol = SkipRouter(budget=budget, router=str(router_path))
     pol.calibrate(engine, calibration_ids(engine))
     out: dict[str, Any] = {"offset": pol.calibration.get("threshold"),
@@ -323,7 +314,6 @@ def heldout(engine: Engine, router_path: Path, budget: float, eval_tokens: int) 
 
 def run(model: str, out: Path, cfg: RouterTraining, tokens: int, chat: int, eval_tokens: int,
         progress: bool = True, batch: int = 4) -> dict[str, Any]:
-
     t0 = time.perf_counter()
     eng = load(model, weights="float32")  # trained on the float model (the native form shares its fingerprint)
     text, data, ids, n = training_ids(eng, model, tokens, SEQ * 8, "a router")
@@ -343,7 +333,8 @@ def run(model: str, out: Path, cfg: RouterTraining, tokens: int, chat: int, eval
     card = {"kind": "router", "base_model": str(model), "base_fingerprint": fingerprint(eng.model),
             "budget": cfg.budget, "units": cfg.units, "estimator": cfg.estimator,
             "method": "per layer a linear run-logit per unit on the RMS-normalised layer input; trained by KL "
-                      "distillation of the frozen dense model with 0/1 gates, the budget held by dual ascent",
+                      "distillation of the frozen dense model with 0/1 gates, the budget an upper bound held by a "
+                      "multiplier",
             "data": {**data, "tokens": n, "chat_generated_tokens": sum(len(g) for g in gen),
                      "excludes": "data/eval/* (held-out stdlib modules and articles)"},
             "training": {"steps": len(cfg.log) and int(cfg.log[-1]["step"]), "seconds": round(train_s, 1),
@@ -385,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                                                          "sequences learned faster than steps of 8)")
     ap.add_argument("--start", default="dense", choices=("dense", "static"))
     ap.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
-    ap.add_argument("--lr", type=float, default=2e-2)
-    ap.add_argument("--dual-lr", type=float, default=2.0, help="step of the budget multiplier")
-    ap.add_argument("--rho", type=float, default=0.0, help="weight of the last step's budget excess (damping)")
+    ap.add_argument("--lr", type=float, default=RouterTraining.lr,
+                    help=f"the routers' biases (their weights: x{RouterTraining.w_lr_scale:g})")
+    ap.add_argument("--dual-lr", type=float, default=RouterTraining.dual_lr, help="step of the budget multiplier")
+    ap.add_argument("--rho", type=float, default=RouterTraining.rho,
+                    help="weight of the last step's budget excess (damping)")
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per evaluation file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None,
