@@ -15,6 +15,8 @@ from ..models.config import ModelConfig
 
 
 class KVCache:
+    shrinks = False  # a KV policy may cut it down (``ShrinkingCache``)
+
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -77,3 +79,120 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+class _Layers:
+    """Per-layer K or V storage, each (B, Hk, capacity, hd), allocated on first use (``torch.empty``: a page is
+    only resident once a token is written to it)."""
+
+    def __init__(self, n: int, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str):
+        self.t: list[torch.Tensor | None] = [None] * n
+        self.shape, self.dtype, self.device = shape, dtype, device
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        t = self.t[i]
+        if t is None:
+            t = self.t[i] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return t
+
+    def __setitem__(self, i: int, t: torch.Tensor) -> None:
+        self.t[i] = t
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.t if t is not None)
+
+
+class ShrinkingCache(KVCache):
+    """A cache a KV policy can cut down to the token slots it keeps, freeing the rest.
+
+    Why per-layer tensors allocated on first use: at prefill a policy compacts layer i right after it ran, so the
+    full-length K/V of only one layer exists at a time and the process's peak memory really drops by the evicted
+    bytes. Kept slots keep the rotary position they were written with (K is stored rotated); a new token's position
+    continues the row's original count (``shift``), as if nothing had been evicted.
+
+    Every layer keeps the same number of slots ``n`` (the tensors stay rectangular), and each (row, KV head) its
+    own set. A row of a batch that keeps fewer real tokens than ``n`` fills its first slots with masked fillers:
+    the left-padding layout every other part of the engine already handles.
+    """
+
+    shrinks = True
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        L, Hk, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.k = _Layers(L, (batch, Hk, max_len, hd), dtype, device)  # type: ignore[assignment]
+        self.v = _Layers(L, (batch, Hk, max_len, hd), dtype, device)  # type: ignore[assignment]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.holes = {}
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.shift = torch.zeros(batch, dtype=torch.long, device=device)  # position of a column = col - pad + shift
+        self.padded = False
+        self.length = 0
+        self.max_len = max_len
+        self.batch = batch
+        self.layers = L
+        self._pending: dict[int, torch.Tensor] = {}  # layer -> real slots kept per row, until every layer is cut
+        self.evicted = 0  # slots dropped per (row, layer, head) so far, summed over cuts
+
+    def punch(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        raise PonderError("a KV-selection policy cannot be combined with a depth policy that leaves K/V holes "
+                          "(kv='none'); run them separately")
+
+    def punch_columns(self, layer: int, start: int, end: int) -> None:
+        self.punch(layer, torch.empty(0), torch.empty(0))
+
+    def truncate(self, length: int) -> None:
+        if self._pending or self.evicted:
+            raise PonderError("speculative decoding cannot rewind a cache a KV policy has already cut")
+        super().truncate(length)
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        cols = torch.arange(start, end, device=self.valid.device)
+        return (cols[None, :] - self.pad[:, None]).clamp_min(0) + self.shift[:, None]
+
+    def keep(self, layer: int, idx: torch.Tensor, real: torch.Tensor) -> None:
+        """Keep only the slots ``idx`` (B, Hk, n) of ``layer``, columns into [0, length) in the order they are to be
+        stored; row b's last ``real[b]`` entries are the real tokens it keeps, its first ``n - real[b]`` masked
+        fillers. The old storage is released at once; the columns, masks and positions switch over when every
+        layer has been cut (``commit``), so the layers still to run in this step see the step as it began."""
+        B, Hk, n = idx.shape
+        k, v = self.k[layer], self.v[layer]
+        if layer in self._pending:
+            raise ValueError(f"layer {layer} was already cut in this step")
+        room = self.max_len - self.length
+        e = idx[..., None].expand(B, Hk, n, k.shape[-1])
+        for store, t in ((self.k, k), (self.v, v)):
+            new = t.new_empty(B, Hk, n + room, t.shape[-1])
+            new[:, :, :n] = t[:, :, :self.length].gather(2, e)
+            store[layer] = new
+        self._pending[layer] = real.to(self.pad.device)
+
+    def commit(self) -> None:
+        """Switch columns, masks and positions to the kept slots once every layer is cut (the engine calls this at
+        the end of a step)."""
+        if not self._pending:
+            return
+        if len(self._pending) != self.layers:
+            raise PonderError(f"a KV policy cut {len(self._pending)} of {self.layers} layers in one step; it must "
+                              "cut every layer (or none)")
+        reals = list(self._pending.values())
+        real = reals[0]
+        if any(not torch.equal(r, real) for r in reals[1:]):
+            raise PonderError("a KV policy must keep the same number of real tokens of a row in every layer")
+        n = self.k[0].shape[2] - (self.max_len - self.length)
+        had = self.length - self.pad  # real tokens held per row before the cut
+        nxt = had + self.shift  # the position the row's next token takes
+        pad = n - real
+        room = self.max_len - self.length
+        self.evicted += int((had - real).max())
+        self.pad, self.shift = pad, nxt - real
+        self.length, self.max_len = n, n + room
+        cols = torch.arange(self.max_len, device=self.valid.device)
+        self.valid = (cols[None, :] >= pad[:, None]) & (cols[None, :] < n)
+        self.padded = bool((pad > 0).any())
+        self._pending = {}
+
+    def nbytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()  # type: ignore[attr-defined]

@@ -20,11 +20,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..errors import PonderError
 from ..models import quant
 from ..models.config import ModelConfig
 from ..models.llama import LlamaModel, apply_rope, rms_norm, rope_tables
 from . import steps
-from .cache import KVCache
+from .cache import KVCache, ShrinkingCache
 from .plan import LayerPlan
 from .stats import Stats
 from .steps import PythonSteps, attend, row_kv
@@ -158,6 +159,12 @@ class Planner(Protocol):
         states (an exited token's check), which the engine then does not recompute; None when there are none."""
         ...
 
+    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Only on a shrinking cache, after layer ``i`` wrote its K/V (``x_in``: the layer's input states): the
+        slots the layer keeps, as ``ShrinkingCache.keep`` takes them ((B, Hk, n) columns and the real count per
+        row), or None to keep everything."""
+        ...
+
 
 class PlannerBase:
     """The ``Planner`` contract with its optional hooks as no-ops."""
@@ -169,6 +176,9 @@ class PlannerBase:
         return None
 
     def known_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
@@ -210,8 +220,20 @@ class Engine:
         self.gguf: Any = None  # models.gguf.GGUFInfo when opened from a GGUF file
 
     # ---- small pieces, also used by policies ------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int, shrinking: bool = False) -> KVCache:
+        """A cache for ``batch`` rows of up to ``max_len`` tokens; ``shrinking``: one a KV policy can cut down."""
+        cls = ShrinkingCache if shrinking else KVCache
+        return cls(self.cfg, batch, max_len, self.dtype, self.device)
+
+    def queries(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s rotated queries (B, H, n, hd) for its input states ``x`` (B, n, D) at ``positions``
+        (B, n): the same values its attention computes, for a KV policy that scores cached keys by attention."""
+        w, (B, n, _) = self.layers[i], x.shape
+        q = w.q(rms_norm(x, w.ln1, self.cfg.rms_norm_eps)).view(B, n, self._H, self._hd)
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, self.cfg.rms_norm_eps)
+        cos, sin = self.rope(positions, int(positions.max()) + 1)
+        return apply_rope(q, cos, sin).transpose(1, 2)
 
     def rope(self, positions: torch.Tensor, below: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and half-negated sin for ``positions`` (all ``< below``), looked up in tables computed once (the same
@@ -263,6 +285,8 @@ class Engine:
         matmul wrapped in a dozen small operations, which cost more than the weights they read."""
         if not rows.numel():
             return
+        if ctx.cache.shrinks:
+            raise PonderError("early exit's K/V filling cannot be combined with a KV-selection policy")
         c, eps = self.cfg, self.cfg.rms_norm_eps
         Hk, hd, L = self._Hk, self._hd, c.num_hidden_layers
         Lr, n = L - first, rows.numel()
@@ -335,8 +359,10 @@ class Engine:
             stats.begin_step(B, T, start)
         base_mask = self._mask(cache.valid, start, end) if cache.padded or T > 1 else None
         causal = not cache.padded and T > 1 and start == 0
+        cut = cache.shrinks and planner is not None
         for i in range(first_layer, last_layer):
             plan = planner.layer(i, x, ctx) if planner is not None else None
+            x_in = x
             if plan is not None and plan.attn is not None:
                 mask, is_causal = None, False  # planned attention rows build their own mask (or none runs)
             elif i in cache.holes:
@@ -351,6 +377,12 @@ class Engine:
                 x = self._planned_layer(i, x, plan, cos, sin, cache, start, end, mask, is_causal, stats)
             if planner is not None:
                 planner.observe(i, x, ctx)
+            if cut:
+                kept = planner.evict(i, x_in, ctx)  # type: ignore[union-attr]
+                if kept is not None:
+                    cache.keep(i, *kept)  # type: ignore[attr-defined]
+        if cut and last_layer == L:
+            cache.commit()  # type: ignore[attr-defined]
         if stats is not None and last_layer == L:
             stats.end_step()
         out = None

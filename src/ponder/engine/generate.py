@@ -98,14 +98,14 @@ def check_prompts(engine: Engine, prompts: list[list[int]], max_new: int) -> Non
                               f"model's context of {ctx}; shorten the prompt or lower --max-new-tokens")
 
 
-def begin(engine: Engine, prompts: list[list[int]], sc: SamplingConfig, room: int
+def begin(engine: Engine, prompts: list[list[int]], sc: SamplingConfig, room: int, shrinking: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor, KVCache, torch.Generator | None]:
-    """Checked, left-padded prompt ids, their padding, a cache with ``room`` columns past the longest prompt, and
-    the sampling generator: the start every generation loop shares."""
+    """Checked, left-padded prompt ids, their padding, a cache with ``room`` columns past the longest prompt (one a
+    KV policy can cut down when ``shrinking``), and the sampling generator: the start every generation loop shares."""
     sc.validate()
     check_prompts(engine, prompts, sc.max_new_tokens)
     ids, pad = left_pad(prompts, 0, engine.device)
-    cache = engine.new_cache(len(prompts), ids.shape[1] + room)
+    cache = engine.new_cache(len(prompts), ids.shape[1] + room, shrinking)
     gen = torch.Generator(device="cpu").manual_seed(sc.seed) if sc.seed is not None else None
     return ids, pad, cache, gen
 
@@ -137,12 +137,13 @@ def emit_column(col: list[int], out: list[list[int]], done: list[bool], finish: 
 
 def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None = None,
              planner_factory: Callable[[], Planner | None] | None = None, stats: Stats | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
-    """Generate for a batch of token-id prompts (left-padded into one batch)."""
+             on_token: Callable[[int, int], None] | None = None, shrinking: bool = False) -> GenerationResult:
+    """Generate for a batch of token-id prompts (left-padded into one batch); ``shrinking``: on a cache the
+    planner may cut down (a KV-selection policy)."""
 
     sc = sc or SamplingConfig()
     B = len(prompts)
-    ids, pad, cache, gen = begin(engine, prompts, sc, sc.max_new_tokens)
+    ids, pad, cache, gen = begin(engine, prompts, sc, sc.max_new_tokens, shrinking)
     planner = planner_factory() if planner_factory else None
     stop = sc.stops(engine)
     out: list[list[int]] = [[] for _ in range(B)]
