@@ -21,7 +21,7 @@ from .eval.points import repo_data
 from .eval.prompts import write_instruct
 from .models.catalog import available
 from .models.gguf_tokenizer import render_chat
-from .policies import registry
+from .policies import kv, registry
 from .policies.calibration import calibration_ids
 from .policies.spec import parameters
 from .train import draft, heal, router, translators
@@ -48,6 +48,9 @@ def _add_model_args(p: argparse.ArgumentParser, policy: bool = True) -> None:
         p.add_argument("--budget", type=float, default=1.0, help="fraction of dense layer FLOPs, in (0, 1]")
         p.add_argument("--router", default=None, help="a router adapter (`ponder train router`) for the router and "
                                                       "first policies (default: the one shipped for the model)")
+        p.add_argument("--kv", default=None, help="a KV-selection policy (see `ponder policies`): the prompt's KV "
+                                                  "cache is cut to --kv-budget of its tokens after prefill")
+        p.add_argument("--kv-budget", type=float, default=0.5, help="fraction of the prompt's KV kept, in (0, 1]")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of human output")
 
 
@@ -135,6 +138,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.json and msgs is None:
         sys.stdout.write(prompt_text)
+    if getattr(args, "kv", None):
+        if pol.name != "dense":
+            raise PonderError("--kv cannot be combined with a depth --policy yet; run one or the other")
+        pol = kv.get(args.kv, args.kv_budget)
     res = pol.generate(eng, [ids], sc, stats, on_token)
     toks = res.tokens[0]
     text = eng.tokenizer.decode([t for t in toks if t not in stop])
@@ -149,8 +156,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           "stats": summary, "layers_per_token": depth}))
     else:
         sys.stdout.write("\n")
+        held = f"; KV held {res.extra['kv_tokens']} tokens" if "kv_tokens" in res.extra else ""
         print(f"[{len(toks)} tokens, {res.finish[0]}; policy {pol.name} budget {pol.budget:g}; "
-              f"flops {summary['flops_fraction']:.3f} of dense]", file=sys.stderr)
+              f"flops {summary['flops_fraction']:.3f} of dense{held}]", file=sys.stderr)
     return 0
 
 
@@ -184,8 +192,14 @@ def cmd_policies(args: argparse.Namespace) -> int:
                   for k, f in parameters(cls).items()}
         rows.append({"policy": n, **cls.flags(), "doc": (cls.__doc__ or "").strip().splitlines()[0],
                      "params": params})
+    kv_rows = []
+    for n in kv.names():
+        kcls = kv.registry._REGISTRY[n]
+        kv_rows.append({"policy": n, "axis": "kv", **kcls.flags(),
+                        "doc": (sys.modules[kcls.__module__].__doc__ or "").strip().splitlines()[0],
+                        "params": {k: f.default for k, f in parameters(kcls).items() if k != "tokens"}})
     if args.json:
-        print(json.dumps(rows, default=str))
+        print(json.dumps(rows + kv_rows, default=str))
     else:
         for r in rows:
             fl = " ".join(k for k in ("real", "kv_compatible", "batch_compatible", "training_free", "lossless") if r[k])
@@ -194,6 +208,11 @@ def cmd_policies(args: argparse.Namespace) -> int:
                 print(" " * 19 + "parameters: " + ", ".join(f"{k}={'none' if v is None else v}"
                                                             for k, v in r["params"].items()))
         print("\nA variant is name:key=value;key=value, e.g. --policy early-exit:kv_fill=kv-copy (budget: --budget).")
+        print("\nKV-selection policies (--kv NAME --kv-budget F: the fraction of the prompt's KV cache kept):")
+        for r in kv_rows:
+            print(f"{r['policy']:<18} saves {'+'.join(r['saves']):<14} {r['doc']}")
+            if r["params"]:
+                print(" " * 19 + "parameters: " + ", ".join(f"{k}={v}" for k, v in r["params"].items()))
     return 0
 
 

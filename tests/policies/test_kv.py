@@ -191,3 +191,24 @@ def test_a_depth_policy_that_leaves_holes_is_refused(eng):
 
     with pytest.raises(PonderError, match="cannot be combined"):
         eng.forward(torch.tensor([LONG[:20]]), eng.new_cache(1, 30, True), Holes(), logits="last")
+
+
+def test_fan_out_cuts_equal_each_policy_run_alone(eng):
+    """The long-context bench takes every policy's cut from one dense prefill; each must equal its own run."""
+    from ponder.eval.longctx import continuation_nll, prefill_all
+
+    pols = {n: kv.get(n, 0.4) for n in NAMES}
+    cont = LONG[40:52]
+    last, caches = prefill_all(eng, LONG[:40], pols, len(cont))
+    for n, pol in pols.items():
+        c = eng.new_cache(1, 40 + len(cont), shrinking=True)
+        alone_last = eng.forward(torch.tensor([LONG[:40]]), c, pol.planner(eng), logits="last").logits[0]
+        assert torch.equal(alone_last, last)
+        assert c.length == caches[n].length == 16
+        for i in range(eng.cfg.num_hidden_layers):
+            assert torch.equal(c.k[i][:, :, :16], caches[n].k[i][:, :, :16]), (n, i)
+        assert continuation_nll(eng, last, c, cont) == continuation_nll(eng, last, caches[n], cont)
+    d = eng.new_cache(1, 52)
+    eng.forward(torch.tensor([LONG[:40]]), d, logits="last")
+    assert continuation_nll(eng, last, d, cont) == pytest.approx(continuation_nll(eng, last, caches["dense"], cont),
+                                                                 abs=1e-4)

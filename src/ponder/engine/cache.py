@@ -16,6 +16,7 @@ from ..models.config import ModelConfig
 
 class KVCache:
     shrinks = False  # a KV policy may cut it down (``ShrinkingCache``)
+    pos_extra = 0  # how far a row's positions may run past its columns (tokens evicted before them)
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -135,6 +136,7 @@ class ShrinkingCache(KVCache):
         self.layers = L
         self._pending: dict[int, torch.Tensor] = {}  # layer -> real slots kept per row, until every layer is cut
         self.evicted = 0  # slots dropped per (row, layer, head) so far, summed over cuts
+        self.floor = 0  # the length right after the last cut: nothing before it can be rewritten
 
     def punch(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
         raise PonderError("a KV-selection policy cannot be combined with a depth policy that leaves K/V holes "
@@ -144,8 +146,8 @@ class ShrinkingCache(KVCache):
         self.punch(layer, torch.empty(0), torch.empty(0))
 
     def truncate(self, length: int) -> None:
-        if self._pending or self.evicted:
-            raise PonderError("speculative decoding cannot rewind a cache a KV policy has already cut")
+        if self._pending or length < self.floor:
+            raise PonderError("cannot rewind a cache past the point where a KV policy cut it")
         super().truncate(length)
 
     def positions(self, start: int, end: int) -> torch.Tensor:
@@ -188,7 +190,8 @@ class ShrinkingCache(KVCache):
         room = self.max_len - self.length
         self.evicted += int((had - real).max())
         self.pad, self.shift = pad, nxt - real
-        self.length, self.max_len = n, n + room
+        self.pos_extra = int(self.shift.max())
+        self.length, self.max_len, self.floor = n, n + room, n
         cols = torch.arange(self.max_len, device=self.valid.device)
         self.valid = (cols[None, :] >= pad[:, None]) & (cols[None, :] < n)
         self.padded = bool((pad > 0).any())

@@ -352,7 +352,7 @@ class Engine:
         else:  # continuing a step whose columns were reserved by the earlier call
             start, end = cache.length - T, cache.length
         positions = cache.positions(start, end)
-        cos, sin = self.rope(positions, end)
+        cos, sin = self.rope(positions, end + cache.pos_extra)
         x = self.embedding(ids) if hidden is None else hidden
         ctx = StepContext(self, B, T, start, end, positions, phase, stats, cache)
         if stats is not None and first_layer == 0:

@@ -166,7 +166,8 @@ def generate(engine: Engine, prompts: list[list[int]], sc: SamplingConfig | None
                 nxt = nxt.masked_fill(done_t, 0)
             logits = engine.forward(nxt[:, None], cache, planner, stats, logits="last", phase="decode").logits
     t2 = time.perf_counter()
-    return GenerationResult(out, finish, stats, prefill_s=t1 - t0, decode_s=t2 - t1)
+    extra = {"kv_tokens": cache.length, "kv_bytes": cache.nbytes()} if shrinking else {}
+    return GenerationResult(out, finish, stats, prefill_s=t1 - t0, decode_s=t2 - t1, extra=extra)
 
 
 @dataclass

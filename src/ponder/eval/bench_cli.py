@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+from ..api import load
 from ..encoders.bench import run_cli as run_embed
 from ..errors import PonderError
 from ..models.catalog import DEFAULT_MODEL
 from .bench import run_lm_bench
+from .longctx import PROFILES as LONG_PROFILES
+from .longctx import SECTIONS, run_long_bench
 from .points import DEFAULT_BUDGETS, QUICK_BUDGETS, default_policies, profile_settings
 from .report.build import build_report
 from .report.page import md_headline
@@ -84,7 +87,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_long(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model
+    eng = load(model, weights=args.weights)
+    out = args.out or f"benchmarks/results/long-{args.profile}-{Path(model).stem}"
+    sections = tuple(x.strip() for x in args.sections.split(",") if x.strip()) if args.sections else SECTIONS
+    meta = run_long_bench(eng, model, args.weights, args.profile, out, kvpress_peer=not args.no_kvpress,
+                          threads=torch.get_num_threads(), sections=sections,
+                          say=(lambda m: None) if args.json else (lambda m: print(f"[long] {m}", flush=True)))
+    if args.json:
+        print(json.dumps({"out": out, "profile": meta["profile"], "seconds": meta["seconds"],
+                          "kvpress": meta.get("kvpress")}))
+    else:
+        print((Path(out) / "report.md").read_text())
+        print(f"results: {out}/results.jsonl, report: {out}/report.md ({meta['seconds'] / 60:.1f} min)")
+    return 0
+
+
 def add_subcommand(sub: Any) -> None:
+    lb = sub.add_parser("bench-long", help="KV-selection policies at long context: quality, retrieval, time and "
+                                           "memory, with kvpress side by side",
+                        description="Runs every KV-selection policy on long held-out windows (quality of the "
+                                    "continuation after the cut, retrieval probes, decode time and peak memory) "
+                                    "and kvpress's presses on the same inputs in their own environment "
+                                    "(scripts/setup_kvpress.sh). Writes OUT/results.jsonl as it goes (a rerun "
+                                    "resumes) and OUT/report.md.")
+    lb.add_argument("--model", default=DEFAULT_MODEL)
+    lb.add_argument("--profile", default="quick", choices=tuple(LONG_PROFILES))
+    lb.add_argument("--weights", default="float32", choices=("native", "float32"),
+                    help="float32 (default: the form the long-context targets are stated in) or native")
+    lb.add_argument("--out", default=None, help="results folder (default: benchmarks/results/long-PROFILE-MODEL)")
+    lb.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
+    lb.add_argument("--sections", default=None,
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all, in that order)")
+    lb.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    lb.add_argument("--json", action="store_true")
+    lb.set_defaults(fn=cmd_bench_long)
+
     b = sub.add_parser("bench", help="sweep policies x budgets against dense; writes results.jsonl and a report",
                        description="Measure quality, compute and time of every policy at every budget against the "
                                    "dense model, in one process on the same weights. Appends one JSON line per "

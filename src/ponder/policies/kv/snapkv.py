@@ -1,9 +1,9 @@
 """SnapKV (Li et al. 2024): the last ``window`` prompt tokens observe the rest; keep what they attend to.
 
 Per layer and KV head, the window's attention (averaged over its queries and the head's query group) is smoothed
-by a max-pool over neighbouring columns (``kernel``: a kept token brings its neighbours, which keeps phrases
-whole), and the window itself is always kept. The window's queries are recomputed from the layer's input: a
-``window`` x T product per layer, small beside the prefill.
+by an average pool over neighbouring columns (``kernel``, as the authors' code does: a kept token brings its
+neighbours, which keeps phrases whole), and the window itself is always kept. The window's queries are recomputed
+from the layer's input: a ``window`` x T product per layer, small beside the prefill.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .registry import register
 @dataclass
 class SnapKV(KVPolicy):
     window: int = 32
-    kernel: int = 7
+    kernel: int = 5
 
     name = "snapkv"
 
@@ -34,5 +34,5 @@ class SnapKV(KVPolicy):
         s = window_attention(engine, i, x_in, ctx, self.window)
         if self.kernel > 1:
             B, Hk, T = s.shape
-            s = F.max_pool1d(s.view(B * Hk, 1, T), self.kernel, stride=1, padding=self.kernel // 2).view(B, Hk, T)
+            s = F.avg_pool1d(s.view(B * Hk, 1, T), self.kernel, stride=1, padding=self.kernel // 2).view(B, Hk, T)
         return protect_last(s, self.window)

@@ -1,0 +1,126 @@
+"""kvpress, the peer: its presses on a transformers model loading the same GGUF, on the inputs ponder's long-context
+bench wrote (the same token ids, the same kept fractions).
+
+This file runs in kvpress's own environment (``scripts/setup_kvpress.sh`` makes ``.venv-kvpress``: kvpress 0.5.5
+needs transformers < 5.3), so it imports nothing from ponder; ``ponder.eval.longctx`` calls it as
+
+    .venv-kvpress/bin/python kvpress_peer.py JOB.json OUT.jsonl
+
+JOB holds the GGUF path, the thread count, the presses, the kept fractions, the quality windows (context ids,
+continuation ids) and the retrieval probes (context ids, question ids, answer). One JSON line per (press, fraction,
+section, group) is appended to OUT as it finishes, and a rerun skips the lines already there. The protocol is the
+one ponder runs: the context is prefilled with the press active (kvpress compresses only at prefill), then the
+continuation is scored, or the question is fed and the answer decoded greedily, on the compressed cache.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import kvpress
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, DynamicCache
+
+
+def press_for(name: str, kept: float):
+    ratio = 1.0 - kept  # kvpress's knob: the fraction removed
+    cls = {"streaming": kvpress.StreamingLLMPress, "snapkv": kvpress.SnapKVPress, "tova": kvpress.TOVAPress,
+           "knorm": kvpress.KnormPress, "random": kvpress.RandomPress,
+           "expected_attention": kvpress.ExpectedAttentionPress,
+           "observed_attention": kvpress.ObservedAttentionPress}[name]
+    return cls(compression_ratio=ratio)
+
+
+def load(gguf: str, eager: bool):
+    p = Path(gguf)
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32,
+                                                attn_implementation="eager" if eager else "sdpa").eval()
+
+
+def continuation_nll(model, press, ctx: list[int], cont: list[int]) -> tuple[float, float]:
+    """Summed NLL (nats) of ``cont`` after ``ctx`` prefilled under ``press``, and the seconds it took."""
+    t0 = time.perf_counter()
+    cache = DynamicCache()
+    x = torch.tensor([ctx])
+    with torch.inference_mode():
+        if press is None:
+            last = model(input_ids=x, past_key_values=cache).logits[0, -1]
+        else:
+            with press(model):
+                last = model(input_ids=x, past_key_values=cache).logits[0, -1]
+        y = torch.tensor([cont])
+        lg = model(input_ids=y, past_key_values=cache).logits[0]
+    lp = torch.cat([last[None], lg[:-1]]).float().log_softmax(-1)
+    nll = -float(lp.gather(1, y[0][:, None]).sum())
+    return nll, time.perf_counter() - t0
+
+
+def answer(model, press, ctx: list[int], question: list[int], max_new: int) -> list[int]:
+    cache = DynamicCache()
+    with torch.inference_mode():
+        x = torch.tensor([ctx])
+        if press is None:
+            model(input_ids=x, past_key_values=cache)
+        else:
+            with press(model):
+                model(input_ids=x, past_key_values=cache)
+        lg = model(input_ids=torch.tensor([question]), past_key_values=cache).logits[0, -1]
+        out = []
+        for _ in range(max_new):
+            t = int(lg.argmax())
+            out.append(t)
+            lg = model(input_ids=torch.tensor([[t]]), past_key_values=cache).logits[0, -1]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    out = Path(argv[1])
+    done = set()
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["press"], r["kept"], r["section"], r["group"]))
+    torch.set_num_threads(int(job.get("threads", 2)))
+    transformers.utils.logging.set_verbosity_error()
+    models: dict[bool, object] = {}
+    for name in job["presses"]:
+        eager = name == "observed_attention"  # it reads the attention weights, which only eager returns
+        if eager not in models:
+            models = {eager: load(job["gguf"], eager)}  # one model at a time: memory
+        model = models[eager]
+        for kept in ([1.0] if name == "none" else job["kept"]):
+            press = None if name == "none" else press_for(name, kept)
+            for group, g in job["quality"].items():
+                if (name, kept, "quality", group) in done:
+                    continue
+                nlls, secs = [], []
+                for w in g["windows"]:
+                    nll, s = continuation_nll(model, press, w["context"], w["cont"])
+                    nlls.append(nll)
+                    secs.append(s)
+                row = {"press": name, "kept": kept, "section": "quality", "group": group,
+                       "press_class": type(press).__name__ if press is not None else None,
+                       "nll": nlls, "seconds": secs}
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            for group, g in job.get("retrieval", {}).items():
+                if (name, kept, "retrieval", group) in done or name not in job.get("probe_presses", [name]):
+                    continue
+                got = [answer(model, press, p["context"], p["question"], p["max_new"]) for p in g["probes"]]
+                row = {"press": name, "kept": kept, "section": "retrieval", "group": group, "answers": got}
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    meta = {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    (out.parent / (out.stem + ".meta.json")).write_text(json.dumps(meta) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,577 @@
+"""The long-context bench: KV-selection policies judged on long held-out windows, side by side with kvpress.
+
+    ponder bench-long [--profile quick|full] [--model smollm2] [--weights float32] [--no-kvpress]
+
+Four sections, each written to ``results.jsonl`` as it finishes (a rerun skips what is there):
+
+- **quality**: windows of the held-out code and prose, a context of C tokens then 64 continuation tokens. The
+  context is prefilled with the policy cutting the cache to the kept fraction, then the continuation is scored on
+  the cut cache (teacher-forced): bits per byte of the continuation beside dense. One dense prefill serves every
+  policy (``FanOut``): a cut at prefill does not change the prefill's own states, only what later tokens read, so
+  each policy's cut is taken from the same pass and its cache kept apart (a test holds this equal to running each
+  policy alone).
+- **retrieval**: facts placed at several depths of a long held-out context (one key, several keys with
+  distractors, a two-hop chain, as RULER varies them), the context cut, then the question asked and the answer
+  decoded greedily on the cut cache (question-agnostic, as kvpress's pipeline compresses a context).
+- **timing**: one prompt per length; each configuration prefilled once (its time recorded), then decode steps timed
+  interleaved with dense in one process (medians, min/max, paired ratios), and the KV bytes the cache really holds.
+- **memory**: peak resident memory of a fresh process per configuration (load, prefill, decode), beside the KV
+  bytes it held: the freed bytes measured, not computed.
+
+kvpress runs its presses in its own environment (``scripts/setup_kvpress.sh``) on the same GGUF through
+transformers, on the same token ids and fractions (``kvpress_peer.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..api import load
+from ..engine.cache import ShrinkingCache
+from ..engine.forward import Engine, PlannerBase, StepContext
+from ..errors import PonderError
+from ..policies import kv
+from .envinfo import environment, git_commit, rss_peak_bytes
+from .points import repo_data
+from .timing import interleaved, paired_ratio
+
+CONT = 64
+NAMES = ("Anna", "Bruno", "Chiara", "Dmitri", "Elif", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kaveh", "Lena")
+
+
+@dataclass
+class LongProfile:
+    quality_lengths: tuple[int, ...] = (1536, 4096)
+    windows: int = 6  # per text and length
+    kept: tuple[float, ...] = (0.5, 0.25)
+    policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o", "knorm", "kv-random")
+    probe_lengths: tuple[int, ...] = (2048, 4096)
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    variants: tuple[str, ...] = ("single", "multikey", "twohop")
+    timing_lengths: tuple[int, ...] = (4096, 8192)
+    timing_policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o")
+    timing_kept: float = 0.5
+    decode_tokens: int = 32
+    repeats: int = 5
+    memory: bool = True
+    kvpress_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "knorm", "random",
+                                        "expected_attention", "observed_attention")
+    kvpress_probe_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "expected_attention")
+    kvpress_variants: tuple[str, ...] = ("single", "multikey")
+    kvpress_lengths: tuple[int, ...] = (1536,)
+    kvpress_probe_lengths: tuple[int, ...] = (2048,)
+
+
+PROFILES = {
+    "quick": LongProfile(),
+    "full": LongProfile(quality_lengths=(1536, 4096, 8000), windows=12, probe_lengths=(2048, 4096, 8000),
+                        kvpress_lengths=(1536, 4096), kvpress_probe_lengths=(2048, 4096)),
+    # seconds, for tests and a first look: one short length of each section
+    "smoke": LongProfile(quality_lengths=(96,), windows=2, probe_lengths=(110,), depths=(0.2, 0.8),
+                         variants=("single", "multikey"), timing_lengths=(96,), timing_policies=("snapkv",),
+                         decode_tokens=4, repeats=2, memory=False, kvpress_presses=(), kvpress_lengths=(),
+                         kvpress_probe_lengths=()),
+}
+
+
+# ---- one prefill, every policy's cut ----------------------------------------------------------------------------
+class FanOut(PlannerBase):
+    """A planner on a dense prefill that takes every policy's cut from it, each into its own cache; the pass's own
+    cache stays dense. Sound because a cut made after layer i ran changes nothing the prefill computes: the policy
+    would see exactly these states and keys had it run alone."""
+
+    def __init__(self, engine: Engine, policies: dict[str, kv.KVPolicy]):
+        self.planners = {k: p.planner(engine) for k, p in policies.items()}
+        self.caches: dict[str, ShrinkingCache] = {}
+
+    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> None:
+        main = ctx.cache
+        if i == 0:
+            for key in self.planners:
+                c = ShrinkingCache(ctx.engine.cfg, main.batch, main.max_len, ctx.engine.dtype, ctx.engine.device)
+                c.length, c.pad, c.valid, c.padded = main.length, main.pad.clone(), main.valid.clone(), main.padded
+                self.caches[key] = c
+        for key, pl in self.planners.items():
+            c = self.caches[key]
+            cut = pl.evict(i, x_in, ctx) if pl is not None else None
+            if cut is None:
+                c.k[i], c.v[i] = main.k[i].clone(), main.v[i].clone()
+            else:
+                c.k[i], c.v[i] = main.k[i], main.v[i]  # read only: keep() gathers into new storage
+                c.keep(i, *cut)
+        return None
+
+    def finish(self) -> dict[str, ShrinkingCache]:
+        for c in self.caches.values():
+            c.commit()
+        return self.caches
+
+
+def prefill_all(engine: Engine, ids: list[int], policies: dict[str, kv.KVPolicy], room: int
+                ) -> tuple[torch.Tensor, dict[str, ShrinkingCache]]:
+    """The context's last logits and one cut cache per policy (key ``"dense"`` too: nothing cut)."""
+    main = ShrinkingCache(engine.cfg, 1, len(ids) + room, engine.dtype, engine.device)
+    fan = FanOut(engine, policies)
+    last = engine.forward(torch.tensor([ids], device=engine.device), main, fan, logits="last").logits[0]
+    caches = fan.finish()
+    caches["dense"] = main
+    return last, caches
+
+
+def continuation_nll(engine: Engine, last: torch.Tensor, cache: Any, cont: list[int]) -> float:
+    """Summed NLL (nats) of ``cont`` scored teacher-forced on ``cache`` (the context's last logits predict its first
+    token)."""
+    y = torch.tensor([cont], device=engine.device)
+    lg = engine.forward(y, cache, None, logits="all", phase="decode").logits[0]
+    lp = torch.cat([last[None], lg[:-1]]).float().log_softmax(-1)
+    return -float(lp.gather(1, y[0][:, None]).sum())
+
+
+def greedy_answer(engine: Engine, cache: Any, question: list[int], max_new: int) -> list[int]:
+    lg = engine.forward(torch.tensor([question], device=engine.device), cache, None, logits="last",
+                        phase="decode").logits[0]
+    out = []
+    for _ in range(max_new):
+        t = int(lg.argmax())
+        out.append(t)
+        lg = engine.forward(torch.tensor([[t]], device=engine.device), cache, None, logits="last",
+                            phase="decode").logits[0]
+    return out
+
+
+def policy_set(prof: LongProfile) -> dict[str, kv.KVPolicy]:
+    return {f"{n}@{k:g}": kv.get(n, k) for n in prof.policies for k in prof.kept}
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+def quality_windows(ids: list[int], length: int, n: int) -> list[dict[str, list[int]]]:
+    """``n`` windows of ``length`` context tokens and ``CONT`` continuation tokens, spread evenly over ``ids``."""
+    span = length + CONT
+    if len(ids) < span:
+        raise PonderError(f"the held-out text has {len(ids)} tokens, fewer than one window of {span}")
+    starts = [round(j * (len(ids) - span) / max(1, n - 1)) for j in range(n)] if n > 1 else [0]
+    return [{"context": ids[s:s + length], "cont": ids[s + length:s + span]} for s in starts]
+
+
+def probes(engine: Engine, prose: str, length: int, depths: tuple[float, ...], variant: str, seed: int = 0
+           ) -> list[dict[str, Any]]:
+    """Retrieval probes cut from held-out prose: facts inserted at sentence boundaries near each depth of a context
+    of about ``length`` tokens, a question after it. ``single``: one code; ``multikey``: three people's codes, one
+    asked for; ``twohop``: a code, and later a second person whose code is 'the same as' the first's."""
+    tok = engine.tokenizer
+    rng = random.Random(f"{seed}-{length}-{variant}")
+    sents = [s.strip() + "." for s in prose.replace("\n", " ").split(". ") if len(s.strip()) > 20]
+    out = []
+    for d in depths:
+        names = rng.sample(NAMES, 3)
+        codes = [str(rng.randrange(10000, 100000)) for _ in names]
+        if variant == "single":
+            facts, at, who, ans = [f"The secret code of {names[0]} is {codes[0]}."], [d], names[0], codes[0]
+        elif variant == "multikey":  # the asked fact at depth d, two distractors elsewhere
+            facts = [f"The secret code of {n} is {c}." for n, c in zip(names, codes)]
+            at, who, ans = [d, (d + 0.33) % 1, (d + 0.66) % 1], names[0], codes[0]
+        elif variant == "twohop":  # the code at depth d, the link to it later
+            facts = [f"The secret code of {names[0]} is {codes[0]}.",
+                     f"The secret code of {names[1]} is the same as the secret code of {names[0]}."]
+            at, who, ans = [d, d + (1 - d) / 2], names[1], codes[0]
+        else:
+            raise PonderError(f"unknown probe variant {variant!r}; choose single, multikey or twohop")
+        question = f"\n\nQuestion: What is the secret code of {who}?\nAnswer: The secret code of {who} is"
+        q_ids = tok.encode(question)
+        budget = length - len(q_ids)
+        start = rng.randrange(0, max(1, len(sents) // 2))
+        hay: list[str] = []
+        n_tok = 0
+        j = start
+        while n_tok < budget:
+            s = sents[j % len(sents)]
+            hay.append(s)
+            n_tok += len(tok.encode(" " + s))
+            j += 1
+        while hay and n_tok > budget:  # trim to the budget after the facts are in
+            n_tok -= len(tok.encode(" " + hay.pop()))
+        fact_tok = sum(len(tok.encode(" " + f)) for f in facts)
+        while hay and n_tok + fact_tok > budget:
+            n_tok -= len(tok.encode(" " + hay.pop()))
+        pieces = list(hay)
+        for pos, f in sorted(zip((min(len(hay), round(a * len(hay))) for a in at), facts), key=lambda t: -t[0]):
+            pieces.insert(pos, f)  # from the back, so earlier positions stay where they were
+        ctx_ids = tok.encode(" ".join(pieces))
+        out.append({"depth": d, "context": ctx_ids, "question": q_ids, "answer": ans, "max_new": 8})
+    return out
+
+
+def answered(engine: Engine, toks: list[int], ans: str) -> bool:
+    return ans in engine.tokenizer.decode(toks).replace(",", "").split("\n")[0]
+
+
+# ---- results --------------------------------------------------------------------------------------------------
+class Results:
+    """results.jsonl of a run folder: appended line by line, keyed so a rerun skips what is done."""
+
+    def __init__(self, out: Path):
+        self.path = out / "results.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            self.rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+
+    @staticmethod
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["section"], r.get("peer", "ponder"), r.get("group"), r.get("policy"), r.get("kept"))
+
+    def have(self, **k: Any) -> bool:
+        want = (k["section"], k.get("peer", "ponder"), k.get("group"), k.get("policy"), k.get("kept"))
+        return any(self.key(r) == want for r in self.rows)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _split(key: str) -> tuple[str, float]:
+    name, _, k = key.partition("@")
+    return name, float(k) if k else 1.0
+
+
+def run_quality(engine: Engine, prof: LongProfile, texts: dict[str, str], res: Results, say) -> None:
+    pols = policy_set(prof)
+    for tname, text in texts.items():
+        ids = engine.tokenizer.encode(text)
+        for L in prof.quality_lengths:
+            group = f"{tname}-{L}"
+            if res.have(section="quality", group=group, policy="dense", kept=1.0):
+                continue
+            wins = quality_windows(ids, L, prof.windows)
+            nll: dict[str, list[float]] = {k: [] for k in ["dense", *pols]}
+            kv_tokens: dict[str, int] = {}
+            t0 = time.perf_counter()
+            for j, w in enumerate(wins):
+                say(f"quality {group}: window {j + 1}/{len(wins)}")
+                last, caches = prefill_all(engine, w["context"], pols, CONT)
+                for k, c in caches.items():
+                    kv_tokens[k] = c.length
+                    nll[k].append(continuation_nll(engine, last, c, w["cont"]))
+                del caches
+            nbytes = sum(len(engine.tokenizer.decode(w["cont"]).encode()) for w in wins)
+            dense_bpb = sum(nll["dense"]) / math.log(2) / nbytes
+            for k, v in nll.items():
+                name, kept = _split(k)
+                bpb = sum(v) / math.log(2) / nbytes
+                res.add({"section": "quality", "group": group, "text": tname, "length": L, "policy": name,
+                         "kept": kept, "bits_per_byte": bpb, "delta_pct": 100 * (bpb / dense_bpb - 1),
+                         "nll": v, "windows": len(wins), "cont_tokens": CONT, "cont_bytes": nbytes,
+                         "kv_tokens_after_context": kv_tokens[k], "seconds_all_policies": time.perf_counter() - t0})
+
+
+def run_retrieval(engine: Engine, prof: LongProfile, prose: str, res: Results, say) -> None:
+    pols = policy_set(prof)
+    for L in prof.probe_lengths:
+        for variant in prof.variants:
+            group = f"{variant}-{L}"
+            if res.have(section="retrieval", group=group, policy="dense", kept=1.0):
+                continue
+            ps = probes(engine, prose, L, prof.depths, variant)
+            got: dict[str, list[bool]] = {k: [] for k in ["dense", *pols]}
+            for j, p in enumerate(ps):
+                say(f"retrieval {group}: probe {j + 1}/{len(ps)}")
+                _last, caches = prefill_all(engine, p["context"], pols, len(p["question"]) + p["max_new"] + 1)
+                for k, c in caches.items():
+                    got[k].append(answered(engine, greedy_answer(engine, c, p["question"], p["max_new"]),
+                                           p["answer"]))
+                del caches
+            for k, v in got.items():
+                name, kept = _split(k)
+                res.add({"section": "retrieval", "group": group, "variant": variant, "length": L, "policy": name,
+                         "kept": kept, "accuracy": sum(v) / len(v), "correct": v,
+                         "depths": [p["depth"] for p in ps],
+                         "context_tokens": [len(p["context"]) for p in ps]})
+
+
+def run_timing(engine: Engine, prof: LongProfile, prose: str, res: Results, say) -> None:
+    ids = engine.tokenizer.encode(prose)
+    for L in prof.timing_lengths:
+        group = f"decode-{L}"
+        if res.have(section="timing", group=group, policy="dense", kept=1.0):
+            continue
+        prompt = ids[:L - prof.decode_tokens]
+        configs: dict[str, kv.KVPolicy | None] = {"dense": None}
+        configs.update({f"{n}@{prof.timing_kept:g}": kv.get(n, prof.timing_kept) for n in prof.timing_policies})
+        caches, prefill_s, floor = {}, {}, {}
+        for k, pol in configs.items():
+            say(f"timing {group}: prefill {k}")
+            c = engine.new_cache(1, len(prompt) + prof.decode_tokens + 1, shrinking=pol is not None)
+            t0 = time.perf_counter()
+            engine.forward(torch.tensor([prompt]), c, pol.planner(engine) if pol else None, logits="last")
+            prefill_s[k] = time.perf_counter() - t0
+            caches[k], floor[k] = c, c.length
+
+        say(f"timing {group}: decode, interleaved")
+        t = interleaved({k: _decode_timer(engine, caches[k], floor[k], prompt[-1], prof.decode_tokens)
+                         for k in configs}, warmup=1, repeats=prof.repeats)
+        for k in configs:
+            name, kept = _split(k)
+            c = caches[k]
+            c.truncate(floor[k])
+            res.add({"section": "timing", "group": group, "length": L, "policy": name, "kept": kept,
+                     "prompt_tokens": len(prompt), "prefill_s": prefill_s[k], "decode_s_per_token": t[k],
+                     "decode_speedup": paired_ratio(t["dense"], t[k]), "kv_tokens": c.length,
+                     "kv_bytes": c.nbytes()})
+        del caches
+
+
+def _decode_timer(engine: Engine, c: Any, floor: int, tok: int, n: int):
+    """A timed function: ``n`` decode steps from the cache as prefilled (rewound first), seconds per step."""
+    x = torch.tensor([[tok]], device=engine.device)
+
+    def run() -> float:
+        c.truncate(floor)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.forward(x, c, None, logits="last", phase="decode")
+        return (time.perf_counter() - t0) / n
+    return run
+
+
+def memory_probe(model: str, weights: str | None, length: int, spec: str | None, decode: int, threads: int
+                 ) -> dict[str, Any]:
+    """One configuration in this fresh process: load, prefill ``length`` tokens, decode; the peak RSS and the KV
+    bytes held (run by ``run_memory`` as ``python -m ponder.eval.longctx memory ...``)."""
+    torch.set_num_threads(threads)
+    e = load(model, weights=weights)
+    rss_loaded = rss_peak_bytes()
+    ids = e.tokenizer.encode(repo_data("prose.txt").read_text())[:length - decode]
+    pol = kv.get(spec.split("@")[0], float(spec.split("@")[1])) if spec else None
+    c = e.new_cache(1, len(ids) + decode + 1, shrinking=pol is not None)
+    with torch.inference_mode():
+        e.forward(torch.tensor([ids]), c, pol.planner(e) if pol else None, logits="last")
+        x = torch.tensor([[ids[-1]]])
+        for _ in range(decode):
+            e.forward(x, c, None, logits="last", phase="decode")
+    return {"peak_rss": rss_peak_bytes(), "rss_after_load": rss_loaded, "kv_bytes": c.nbytes(),
+            "kv_tokens": c.length}
+
+
+def run_memory(prof: LongProfile, model: str, weights: str | None, threads: int, res: Results, say) -> None:
+    for L in prof.timing_lengths:
+        for spec in [None, *(f"{n}@{prof.timing_kept:g}" for n in prof.timing_policies)]:
+            name, kept = _split(spec) if spec else ("dense", 1.0)
+            group = f"memory-{L}"
+            if res.have(section="memory", group=group, policy=name, kept=kept):
+                continue
+            say(f"memory {L}: {spec or 'dense'} in a fresh process")
+            cmd = [sys.executable, "-m", "ponder.eval.longctx", "memory", model, weights or "", str(L), spec or "",
+                   str(prof.decode_tokens), str(threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise PonderError(f"the memory probe failed: {r.stderr.strip().splitlines()[-1:]}")
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            res.add({"section": "memory", "group": group, "length": L, "policy": name, "kept": kept, **m})
+
+
+def kvpress_python(root: Path) -> Path | None:
+    p = root / ".venv-kvpress" / "bin" / "python"
+    return p if p.is_file() else None
+
+
+def run_kvpress(engine: Engine, prof: LongProfile, texts: dict[str, str], res: Results, out: Path, threads: int,
+                say) -> str | None:
+    """kvpress's presses on the same windows and probes; returns why it did not run, or None."""
+    root = Path(__file__).resolve().parents[3]
+    py = kvpress_python(root)
+    if py is None:
+        return "kvpress's environment is missing: run scripts/setup_kvpress.sh"
+    path = Path(engine.path) if engine.path is not None else None
+    if path is None or not path.is_file() or path.suffix != ".gguf":
+        return "kvpress loads the model through transformers from a GGUF file; this engine was not opened from one"
+    job: dict[str, Any] = {"gguf": str(path), "threads": threads, "presses": list(prof.kvpress_presses),
+                           "probe_presses": list(prof.kvpress_probe_presses), "kept": list(prof.kept),
+                           "quality": {}, "retrieval": {}}
+    for tname, text in texts.items():
+        ids = engine.tokenizer.encode(text)
+        for L in prof.kvpress_lengths:
+            job["quality"][f"{tname}-{L}"] = {"windows": quality_windows(ids, L, prof.windows)}
+    for L in prof.kvpress_probe_lengths:
+        for variant in prof.kvpress_variants:
+            job["retrieval"][f"{variant}-{L}"] = {"probes": probes(engine, texts["prose"], L, prof.depths, variant)}
+    jp, op = out / "kvpress-job.json", out / "kvpress-raw.jsonl"
+    jp.write_text(json.dumps(job))
+    say("kvpress: running its presses in its own environment (see kvpress-raw.jsonl)")
+    r = subprocess.run([str(py), str(Path(__file__).with_name("kvpress_peer.py")), str(jp), str(op)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"kvpress failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
+    raw = [json.loads(x) for x in op.read_text().splitlines() if x.strip()]
+    meta_p = op.parent / (op.stem + ".meta.json")
+    meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
+    dense = {r["group"]: r for r in raw if r["press"] == "none"}
+    for r in raw:
+        g = r["group"]
+        row = {"section": r["section"], "peer": "kvpress", "group": g, "policy": r["press"], "kept": r["kept"],
+               "press_class": r.get("press_class"), "versions": meta, "gguf": str(path)}
+        if res.have(**row):
+            continue
+        if r["section"] == "quality":
+            wins = job["quality"][g]["windows"]
+            nbytes = sum(len(engine.tokenizer.decode(w["cont"]).encode()) for w in wins)
+            bpb = sum(r["nll"]) / math.log(2) / nbytes
+            d = sum(dense[g]["nll"]) / math.log(2) / nbytes if g in dense else None
+            row.update({"bits_per_byte": bpb, "delta_pct": 100 * (bpb / d - 1) if d else None, "nll": r["nll"],
+                        "seconds": r["seconds"], "text": g.split("-")[0], "length": int(g.split("-")[1])})
+        else:
+            ps = job["retrieval"][g]["probes"]
+            ok = [answered(engine, a, p["answer"]) for a, p in zip(r["answers"], ps)]
+            row.update({"accuracy": sum(ok) / len(ok), "correct": ok, "variant": g.split("-")[0],
+                        "length": int(g.split("-")[1])})
+        res.add(row)
+    return None
+
+
+# ---- the run and its report -----------------------------------------------------------------------------------
+SECTIONS = ("quality", "retrieval", "timing", "memory", "kvpress")
+
+
+def run_long_bench(engine: Engine, model: str, weights: str | None, profile: str, out_dir: str | Path,
+                   kvpress_peer: bool = True, threads: int = 2, say=print,
+                   sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """Every section of ``sections`` in order (timing and memory never overlap anything else in this process);
+    the report is rewritten from every row the folder holds."""
+    if profile not in PROFILES:
+        raise PonderError(f"unknown long-context profile {profile!r}; choose {', '.join(PROFILES)}")
+    bad = [x for x in sections if x not in SECTIONS]
+    if bad:
+        raise PonderError(f"unknown section {bad[0]!r}; choose from {', '.join(SECTIONS)}")
+    prof = PROFILES[profile]
+    need = max((*prof.quality_lengths, *prof.probe_lengths, *prof.timing_lengths)) + CONT
+    if need > engine.cfg.max_position_embeddings:
+        raise PonderError(f"profile {profile} needs {need} tokens of context but the model's window is "
+                          f"{engine.cfg.max_position_embeddings}; use a smaller profile")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = Results(out)
+    texts = {"code": repo_data("code.txt").read_text(), "prose": repo_data("prose.txt").read_text()}
+    mp = out / "meta.json"
+    meta = json.loads(mp.read_text()) if mp.is_file() else {}
+    meta.update({"model": model, "weights": engine.weights_form, "profile": profile,
+                 "profile_settings": asdict(prof), "env": environment(engine.device, engine.dtype),
+                 "commit": git_commit()})
+    runs = meta.setdefault("runs", [])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if "quality" in sections:
+            run_quality(engine, prof, texts, res, say)
+        if "retrieval" in sections:
+            run_retrieval(engine, prof, texts["prose"], res, say)
+        if "timing" in sections:
+            run_timing(engine, prof, texts["prose"], res, say)
+    if "memory" in sections and prof.memory:
+        run_memory(prof, model, weights, threads, res, say)
+    if "kvpress" in sections and prof.kvpress_presses:
+        why = run_kvpress(engine, prof, texts, res, out, threads, say) if kvpress_peer else "--no-kvpress"
+        meta["kvpress"] = why or "ran"
+        if why:
+            say(f"kvpress not run: {why}")
+    runs.append({"sections": list(sections), "seconds": round(time.perf_counter() - t0, 1),
+                 "commit": meta["commit"]})
+    meta["seconds"] = sum(r["seconds"] for r in runs)
+    mp.write_text(json.dumps(meta, indent=1) + "\n")
+    (out / "report.md").write_text(report(res.rows, meta))
+    return meta
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.1f}%"
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    env = meta.get("env", {})
+    L = [f"# Long context: KV selection on {meta['model']} ({meta['weights']}), profile {meta['profile']}", "",
+         f"Machine: {env.get('cpu', '?')}, {env.get('torch_threads', '?')} threads, torch {env.get('torch', '?')}; "
+         f"commit {meta.get('commit')}; kvpress: {meta.get('kvpress')}.", ""]
+    q = [r for r in rows if r["section"] == "quality"]
+    if q:
+        groups = sorted({r["group"] for r in q}, key=lambda g: (g.split("-")[0], int(g.split("-")[1])))
+        L += ["## Quality: bits per byte of 64 continuation tokens after the cut context (change vs dense)", "",
+              "| policy | kept | " + " | ".join(groups) + " |", "|---|---:|" + "---:|" * len(groups)]
+        seen = sorted({(r.get("peer", "ponder"), r["policy"], r["kept"]) for r in q},
+                      key=lambda t: (t[0] != "ponder", t[1] not in ("dense", "none"), t[2] * -1, t[1]))
+        for peer, pol, kept in seen:
+            cells = []
+            for g in groups:
+                r = next((r for r in q if r["group"] == g and r.get("peer", "ponder") == peer
+                          and r["policy"] == pol and r["kept"] == kept), None)
+                cells.append("" if r is None else (f"{r['bits_per_byte']:.4f}" if pol in ("dense", "none")
+                                                   else _pct(r.get("delta_pct"))))
+            label = pol if peer == "ponder" else f"kvpress {pol}"
+            L.append(f"| {label} | {kept:g} | " + " | ".join(cells) + " |")
+        L.append("")
+    rt = [r for r in rows if r["section"] == "retrieval"]
+    if rt:
+        groups = sorted({r["group"] for r in rt}, key=lambda g: (int(g.split("-")[1]), g))
+        n = {r["group"]: len(r["correct"]) for r in rt}
+        L += ["## Retrieval: accuracy (facts at several depths; the question asked after the cut)", "",
+              "| policy | kept | " + " | ".join(f"{g} (n={n[g]})" for g in groups) + " |",
+              "|---|---:|" + "---:|" * len(groups)]
+        seen = sorted({(r.get("peer", "ponder"), r["policy"], r["kept"]) for r in rt},
+                      key=lambda t: (t[0] != "ponder", t[1] not in ("dense", "none"), t[2] * -1, t[1]))
+        for peer, pol, kept in seen:
+            cells = []
+            for g in groups:
+                r = next((r for r in rt if r["group"] == g and r.get("peer", "ponder") == peer
+                          and r["policy"] == pol and r["kept"] == kept), None)
+                cells.append("" if r is None else f"{r['accuracy']:.2f}")
+            label = pol if peer == "ponder" else f"kvpress {pol}"
+            L.append(f"| {label} | {kept:g} | " + " | ".join(cells) + " |")
+        L.append("")
+    tm = [r for r in rows if r["section"] == "timing"]
+    if tm:
+        L += ["## Time: decode at long context, batch 1 (interleaved with dense, one process)", "",
+              "| length | policy | kept | prefill s | decode ms/token (min-max) | decode speedup (min-max) | "
+              "KV held |", "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in sorted(tm, key=lambda r: (r["length"], r["policy"] != "dense", r["policy"])):
+            d = r["decode_s_per_token"]
+            s = r.get("decode_speedup")
+            sp = "1 (reference)" if r["policy"] == "dense" or not s else \
+                f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+            L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {r['prefill_s']:.2f} | "
+                     f"{1e3 * d['median']:.2f} ({1e3 * d['min']:.2f}-{1e3 * d['max']:.2f}) | {sp} | "
+                     f"{r['kv_bytes'] / 2**20:.1f} MiB ({r['kv_tokens']} tok) |")
+        L.append("")
+    mem = [r for r in rows if r["section"] == "memory"]
+    if mem:
+        L += ["## Memory: peak resident set of a fresh process (load, prefill, decode)", "",
+              "| length | policy | kept | peak RSS | below dense | KV held | KV freed vs dense |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in sorted(mem, key=lambda r: (r["length"], r["policy"] != "dense", r["policy"])):
+            d = next((x for x in mem if x["length"] == r["length"] and x["policy"] == "dense"), None)
+            below = freed = "-"
+            if d and r is not d:
+                below = f"{(d['peak_rss'] - r['peak_rss']) / 2**20:.0f} MiB"
+                freed = f"{(d['kv_bytes'] - r['kv_bytes']) / 2**20:.0f} MiB"
+            L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {r['peak_rss'] / 2**20:.0f} MiB | {below} | "
+                     f"{r['kv_bytes'] / 2**20:.0f} MiB | {freed} |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "memory":
+        model, weights, length, spec, decode, threads = argv[1:7]
+        print(json.dumps(memory_probe(model, weights or None, int(length), spec or None, int(decode),
+                                      int(threads))))
+        return 0
+    raise SystemExit("usage: python -m ponder.eval.longctx memory MODEL WEIGHTS LENGTH SPEC DECODE THREADS")
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
