@@ -23,9 +23,9 @@ def test_bench_long_smoke_writes_every_section_and_resumes(tmp_path, capsys):
     assert main(["bench-long", "--model", "ref", "--profile", "smoke", "--out", str(out), "--no-kvpress",
                  "--json"]) == 0
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["section"] for r in rows} == {"quality", "retrieval", "timing"}
+    assert {r["section"] for r in rows} == {"quality", "retrieval", "prefill", "timing"}
     q = [r for r in rows if r["section"] == "quality"]
-    assert len(q) == 2 * (1 + 6 * 2)  # two texts, dense + six policies at two fractions
+    assert len(q) == 2 * (1 + 8 * 2)  # two texts, dense + eight policies at two fractions
     dense = next(r for r in q if r["policy"] == "dense" and r["text"] == "prose")
     assert dense["delta_pct"] == 0 and dense["kv_tokens_after_context"] == 96
     half = next(r for r in q if r["policy"] == "snapkv" and r["kept"] == 0.5 and r["text"] == "prose")

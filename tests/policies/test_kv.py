@@ -18,6 +18,7 @@ from ponder.policies import kv
 from ponder.policies import registry as depth
 
 NAMES = kv.names()
+CUTTERS = [n for n in NAMES if "memory" in kv.registry._REGISTRY[n].saves]  # policies that evict
 G = torch.Generator().manual_seed(3)
 LONG = torch.randint(3, 97, (60,), generator=G).tolist()
 PROMPTS = [LONG, LONG[5:30], LONG[:47]]
@@ -41,7 +42,8 @@ class KeepAll(PlannerBase):
 
 
 def test_names():
-    assert set(NAMES) >= {"streaming", "snapkv", "tova", "h2o", "knorm", "kv-random"}
+    assert set(NAMES) >= {"streaming", "snapkv", "tova", "h2o", "knorm", "kv-random", "lazyllm"}
+    assert set(NAMES) - set(CUTTERS) == {"lazyllm", "tokenselect"}
     assert not set(NAMES) & set(depth.names()), "KV policies have their own registry"
 
 
@@ -63,7 +65,8 @@ def test_keeping_every_slot_equals_dense_bit_for_bit(eng):
 def test_budget_one_and_a_large_token_budget_equal_dense(eng, name):
     d = generate(eng, PROMPTS, SC).tokens
     assert kv.get(name, 1.0).generate(eng, PROMPTS, SC).tokens == d
-    assert kv.get(name, 1.0, tokens=len(LONG)).generate(eng, PROMPTS, SC).tokens == d
+    if name in CUTTERS:
+        assert kv.get(name, 1.0, tokens=len(LONG)).generate(eng, PROMPTS, SC).tokens == d
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.25])
@@ -75,17 +78,19 @@ def test_batch_equals_rows_alone(eng, name, budget):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_cached_decoding_equals_recomputation_after_the_cut(eng, name):
+    if not kv.registry._REGISTRY[name].kv_compatible:
+        pytest.skip(f"{name} does not claim KV compatibility")
     pol = kv.get(name, 0.5)
     cont = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(5))
 
     def cut():
-        c = eng.new_cache(1, len(LONG) + 10, shrinking=True)
+        c = eng.new_cache(1, len(LONG) + 10, shrinking=pol.shrinks)
         pl = pol.planner(eng)
         first = eng.forward(torch.tensor([LONG]), c, pl, logits="last").logits
         return c, pl, first
 
     c, pl, first = cut()
-    assert c.length == 30
+    assert c.length == (30 if name in CUTTERS else len(LONG))
     steps = [eng.forward(cont[:, t:t + 1], c, pl, logits="last", phase="decode").logits for t in range(10)]
     c2, pl2, first2 = cut()
     once = eng.forward(cont, c2, pl2, logits="all", phase="decode").logits
@@ -93,7 +98,7 @@ def test_cached_decoding_equals_recomputation_after_the_cut(eng, name):
     assert (torch.stack(steps, 1) - once).abs().max() < tol(eng)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CUTTERS)
 def test_evicted_slots_are_gone_and_positions_continue(eng, name):
     pol = kv.get(name, 0.25)
     c = eng.new_cache(2, 47 + 8, shrinking=True)
@@ -197,7 +202,7 @@ def test_fan_out_cuts_equal_each_policy_run_alone(eng):
     """The long-context bench takes every policy's cut from one dense prefill; each must equal its own run."""
     from ponder.eval.longctx import continuation_nll, prefill_all
 
-    pols = {n: kv.get(n, 0.4) for n in NAMES}
+    pols = {n: kv.get(n, 0.4) for n in CUTTERS}
     cont = LONG[40:52]
     last, caches = prefill_all(eng, LONG[:40], pols, len(cont))
     for n, pol in pols.items():
@@ -212,3 +217,80 @@ def test_fan_out_cuts_equal_each_policy_run_alone(eng):
     eng.forward(torch.tensor([LONG[:40]]), d, logits="last")
     assert continuation_nll(eng, last, d, cont) == pytest.approx(continuation_nll(eng, last, caches["dense"], cont),
                                                                  abs=1e-4)
+
+
+def test_lazyllm_prunes_prefill_rows_in_stages_and_keeps_the_cache_whole(eng):
+    pol = kv.get("lazyllm", 0.25)
+    L = eng.cfg.num_hidden_layers
+    assert pol.stage_layers(L) == [2, 4, 6]
+    seen = {}
+
+    class Spy:
+        def __init__(self):
+            self.inner = pol.planner(eng)
+
+        def layer(self, i, x, ctx):
+            p = self.inner.layer(i, x, ctx)
+            seen[i] = None if p is None else p.attn.numel()
+            return p
+
+        def observe(self, i, x, ctx):
+            return None
+
+        def known_logits(self):
+            return None
+
+        def evict(self, i, x_in, ctx):
+            return None
+
+    c = eng.new_cache(1, 70)
+    stats = eng.new_stats()
+    out = eng.forward(torch.tensor([LONG]), c, Spy(), stats, logits="last").logits
+    assert [seen[i] for i in range(L)] == [None, None, 38, 38, 24, 24, 15, 15]  # ceil(60 * 0.25 ** (j / 3))
+    assert stats.flops_fraction < 0.75
+    assert c.length == 60 and sorted(c.holes) == list(range(2, L))  # pruned tokens leave no K/V there
+    assert int((~c.holes[7][0, :60]).sum()) == 60 - 15
+    dense = eng.forward(torch.tensor([LONG]), eng.new_cache(1, 70), logits="last").logits
+    assert (out - dense).abs().max() > 0  # pruning changed the states (the test can fail)
+    with pytest.raises(PonderError, match="no token budget"):
+        kv.get("lazyllm", 0.5, tokens=10)
+    c2 = eng.new_cache(1, 70)
+    eng.forward(torch.tensor([LONG]), c2, kv.get("lazyllm", 0.25, kv="compute").planner(eng), logits="last")
+    assert not c2.holes  # "compute": every token left K/V in every layer
+
+
+def test_selective_attention_over_every_key_equals_dense_and_tokenselect_reads_its_share(eng):
+    from ponder.engine.plan import LayerPlan
+
+    Hk = eng.cfg.num_key_value_heads
+
+    class Every(PlannerBase):
+        def layer(self, i, x, ctx):
+            if ctx.T != 1:
+                return None
+            keys = torch.arange(ctx.start).expand(ctx.B, Hk, ctx.start).contiguous()
+            return LayerPlan(keys=keys, keys_ok=torch.ones_like(keys, dtype=torch.bool))
+
+    for planner, same in ((Every(), True), (kv.get("tokenselect", 0.25).planner(eng), False)):
+        outs = []
+        for pl in (None, planner):
+            c = eng.new_cache(1, 70)
+            eng.forward(torch.tensor([LONG[:50]]), c, pl, logits="last")
+            outs.append(torch.stack([eng.forward(torch.tensor([[t]]), c, pl, logits="last", phase="decode").logits
+                                     for t in LONG[50:58]]))
+        diff = float((outs[0] - outs[1]).abs().max())
+        assert (diff < tol(eng)) == same, diff
+    seen = []
+    pl = kv.get("tokenselect", 0.25).planner(eng)
+    c = eng.new_cache(2, 70)
+    c.set_padding(torch.tensor([0, 30]))
+    eng.forward(torch.tensor([LONG[:50], [0] * 30 + LONG[:20]]), c, None, logits="last")
+
+    class Ctx:
+        T, B, start, cache = 1, 2, 50, c
+        positions = torch.tensor([[50], [20]])
+
+    plan = pl.layer(1, torch.randn(2, 1, eng.cfg.hidden_size, dtype=eng.dtype), Ctx)
+    seen = plan.keys_ok.sum(-1)
+    assert seen.tolist() == [[13] * Hk, [5] * Hk]  # ceil(0.25 * real tokens) per row and KV head
+    assert bool((plan.keys[1][plan.keys_ok[1]] >= 30).all())  # never a padding column

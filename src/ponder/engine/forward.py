@@ -443,7 +443,9 @@ class Engine:
         B, T, D = x.shape
         a, f = plan.attn, plan.ffn
         kv_rows = attn_ctx = None
-        if a is None:
+        if a is None and plan.keys is not None:
+            x = self._selected_attn(i, w, x, plan.keys, plan.keys_ok, cos, sin, cache, start, end)
+        elif a is None:
             x = self.steps.attn(w, x, cos, sin, cache.k[i], cache.v[i], start, end, mask, is_causal)
         elif a.numel() or plan.kv != "filled":
             h_a, kv_rows = self._write_kv(i, w, x, a, plan.kv, cos, sin, cache, start, end)
@@ -525,6 +527,32 @@ class Engine:
         o = o.transpose(1, 2)[inv, slot].reshape(na, H * hd)
         x = x.reshape(B * T, D).index_add(0, a, self.lin(o, w.wo)).view(B, T, D)
         return x, allowed[inv, slot].sum().float()
+
+    def _selected_attn(self, i: int, w: LayerWeights, x: torch.Tensor, keys: torch.Tensor, ok: torch.Tensor, cos,
+                       sin, cache: KVCache, start: int, end: int) -> torch.Tensor:
+        """Attention of a one-token step over the cache columns ``keys`` (B, Hk, k) that count (``ok``) plus the
+        token itself: only those keys and values are read (per-query token selection). The token's own K/V are
+        written to the cache as usual."""
+        B, T, D = x.shape
+        if T != 1:
+            raise ValueError("selective attention serves one-token steps; feed longer inputs one token at a time")
+        H, Hk, hd, eps = self._H, self._Hk, self._hd, self.cfg.rms_norm_eps
+        q, k, v = w.qkv(rms_norm(x, w.ln1, eps))
+        q, k = q.view(B, 1, H, hd), k.view(B, 1, Hk, hd)
+        if w.q_norm is not None:
+            q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(1, 2), v.view(B, 1, Hk, hd).transpose(1, 2)  # (B, Hk, 1, hd)
+        cache.k[i][:, :, start:end], cache.v[i][:, :, start:end] = k, v
+        e = keys[..., None].expand(*keys.shape, hd)
+        kk = torch.cat([cache.k[i].gather(2, e), k], 2)  # (B, Hk, n + 1, hd)
+        vv = torch.cat([cache.v[i].gather(2, e), v], 2)
+        G = H // Hk
+        s = torch.matmul(q.view(B, Hk, G, hd), kk.transpose(-1, -2)) * hd ** -0.5  # (B, Hk, G, n + 1)
+        allow = torch.cat([ok, ok.new_ones(B, Hk, 1)], 2)
+        p = s.masked_fill(~allow[:, :, None, :], float("-inf")).softmax(-1)
+        o = torch.matmul(p, vv).reshape(B, 1, H * hd)
+        return x + self.lin(o, w.wo)
 
     def _ffn_rows(self, w: LayerWeights, x: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
         """The FFN for the rows ``f`` (every row when None), gathered, run and added back."""

@@ -44,15 +44,21 @@ class LayerPlan:
     kv: KVMode = "compute"
     # only with a whole-layer skip: the cheap path every row takes instead of the layer (``Replacement``)
     replace: Replacement | None = None
+    # selective attention (a one-token step whose rows all run): the cache columns before this step each (row, KV
+    # head) reads, (B, Hk, k), and which of them count (B, Hk, k) bool; the step's own token is always read
+    keys: torch.Tensor | None = None
+    keys_ok: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.replace is not None and (self.attn is None or self.ffn is None or self.attn.numel()
                                          or self.ffn.numel()):
             raise ValueError("a replacement stands in for a whole skipped layer: attn and ffn must be empty")
+        if self.keys is not None and (self.attn is not None or self.keys_ok is None):
+            raise ValueError("selective attention (keys) needs every row to attend, and keys_ok beside keys")
 
     @property
     def dense(self) -> bool:
-        return self.attn is None and self.ffn is None
+        return self.attn is None and self.ffn is None and self.keys is None
 
     @staticmethod
     def skip(device: torch.device | str = "cpu", kv: KVMode = "none", replace: Replacement | None = None

@@ -64,11 +64,12 @@ def answer(model, press, ctx: list[int], question: list[int], max_new: int) -> l
     with torch.inference_mode():
         x = torch.tensor([ctx])
         if press is None:
-            model(input_ids=x, past_key_values=cache)
+            lg = model(input_ids=x, past_key_values=cache).logits[0, -1]
         else:
             with press(model):
-                model(input_ids=x, past_key_values=cache)
-        lg = model(input_ids=torch.tensor([question]), past_key_values=cache).logits[0, -1]
+                lg = model(input_ids=x, past_key_values=cache).logits[0, -1]
+        if question:  # asked after the compressed context (else it was the prompt's end)
+            lg = model(input_ids=torch.tensor([question]), past_key_values=cache).logits[0, -1]
         out = []
         for _ in range(max_new):
             t = int(lg.argmax())

@@ -54,10 +54,14 @@ class LongProfile:
     quality_lengths: tuple[int, ...] = (1536, 4096)
     windows: int = 6  # per text and length
     kept: tuple[float, ...] = (0.5, 0.25)
-    policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o", "knorm", "kv-random")
+    policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o", "knorm", "kv-random", "lazyllm",
+                                 "tokenselect")
+    prefill_lengths: tuple[int, ...] = (4096,)
+    prefill_policies: tuple[str, ...] = ("lazyllm",)
+    prefill_repeats: int = 3
     probe_lengths: tuple[int, ...] = (2048, 4096)
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    variants: tuple[str, ...] = ("single", "multikey", "twohop")
+    variants: tuple[str, ...] = ("single", "multikey", "twohop", "single+q", "multikey+q")
     timing_lengths: tuple[int, ...] = (4096, 8192)
     timing_policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o")
     timing_kept: float = 0.5
@@ -67,7 +71,7 @@ class LongProfile:
     kvpress_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "knorm", "random",
                                         "expected_attention", "observed_attention")
     kvpress_probe_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "expected_attention")
-    kvpress_variants: tuple[str, ...] = ("single", "multikey")
+    kvpress_variants: tuple[str, ...] = ("single", "multikey", "single+q", "multikey+q")
     kvpress_lengths: tuple[int, ...] = (1536,)
     kvpress_probe_lengths: tuple[int, ...] = (2048,)
 
@@ -75,10 +79,12 @@ class LongProfile:
 PROFILES = {
     "quick": LongProfile(),
     "full": LongProfile(quality_lengths=(1536, 4096, 8000), windows=12, probe_lengths=(2048, 4096, 8000),
+                        variants=("single", "multikey", "twohop", "single+q", "multikey+q", "twohop+q"),
                         kvpress_lengths=(1536, 4096), kvpress_probe_lengths=(2048, 4096)),
     # seconds, for tests and a first look: one short length of each section
     "smoke": LongProfile(quality_lengths=(96,), windows=2, probe_lengths=(110,), depths=(0.2, 0.8),
                          variants=("single", "multikey"), timing_lengths=(96,), timing_policies=("snapkv",),
+                         prefill_lengths=(96,), prefill_repeats=2,
                          decode_tokens=4, repeats=2, memory=False, kvpress_presses=(), kvpress_lengths=(),
                          kvpress_probe_lengths=()),
 }
@@ -128,23 +134,37 @@ def prefill_all(engine: Engine, ids: list[int], policies: dict[str, kv.KVPolicy]
     return last, caches
 
 
-def continuation_nll(engine: Engine, last: torch.Tensor, cache: Any, cont: list[int]) -> float:
+def _feed(engine: Engine, ids: list[int], cache: Any, planner: Any, logits: str) -> torch.Tensor:
+    """Forward ``ids`` on ``cache``: in one step, or one token at a time through a planner that decides at one-token
+    steps (``KVPolicy.decodes``); the logits of every fed token (B = 1)."""
+    if planner is None:
+        y = torch.tensor([ids], device=engine.device)
+        return engine.forward(y, cache, None, logits=logits, phase="decode").logits[0]
+    out = [engine.forward(torch.tensor([[t]], device=engine.device), cache, planner, logits="last",
+                          phase="decode").logits[0] for t in ids]
+    return torch.stack(out) if logits == "all" else out[-1]
+
+
+def continuation_nll(engine: Engine, last: torch.Tensor, cache: Any, cont: list[int], planner: Any = None
+                     ) -> float:
     """Summed NLL (nats) of ``cont`` scored teacher-forced on ``cache`` (the context's last logits predict its first
     token)."""
-    y = torch.tensor([cont], device=engine.device)
-    lg = engine.forward(y, cache, None, logits="all", phase="decode").logits[0]
+    lg = _feed(engine, cont, cache, planner, "all")
+    y = torch.tensor(cont, device=engine.device)
     lp = torch.cat([last[None], lg[:-1]]).float().log_softmax(-1)
-    return -float(lp.gather(1, y[0][:, None]).sum())
+    return -float(lp.gather(1, y[:, None]).sum())
 
 
-def greedy_answer(engine: Engine, cache: Any, question: list[int], max_new: int) -> list[int]:
-    lg = engine.forward(torch.tensor([question], device=engine.device), cache, None, logits="last",
-                        phase="decode").logits[0]
+def greedy_answer(engine: Engine, cache: Any, question: list[int], max_new: int, planner: Any = None,
+                  last: torch.Tensor | None = None) -> list[int]:
+    """Greedy answer tokens after ``question`` is fed on ``cache``; with no question (it was part of the prompt),
+    from the prompt's ``last`` logits."""
+    lg = _feed(engine, question, cache, planner, "last") if question else last
     out = []
     for _ in range(max_new):
         t = int(lg.argmax())
         out.append(t)
-        lg = engine.forward(torch.tensor([[t]], device=engine.device), cache, None, logits="last",
+        lg = engine.forward(torch.tensor([[t]], device=engine.device), cache, planner, logits="last",
                             phase="decode").logits[0]
     return out
 
@@ -211,6 +231,17 @@ def probes(engine: Engine, prose: str, length: int, depths: tuple[float, ...], v
     return out
 
 
+def probe_set(engine: Engine, prose: str, length: int, depths: tuple[float, ...], variant: str
+              ) -> list[dict[str, Any]]:
+    """``probes`` for ``variant``; a ``+q`` variant (``single+q``) puts the question inside the prompt the policy
+    cuts (question-aware, SnapKV's own setting) instead of after it (question-agnostic, kvpress's pipeline)."""
+    base, aware = variant.removesuffix("+q"), variant.endswith("+q")
+    ps = probes(engine, prose, length, depths, base)
+    if aware:
+        ps = [{**p, "context": p["context"] + p["question"], "question": []} for p in ps]
+    return ps
+
+
 def answered(engine: Engine, toks: list[int], ans: str) -> bool:
     return ans in engine.tokenizer.decode(toks).replace(",", "").split("\n")[0]
 
@@ -244,13 +275,37 @@ def _split(key: str) -> tuple[str, float]:
     return name, float(k) if k else 1.0
 
 
+def _missing(res: Results, section: str, group: str, pols: dict[str, kv.KVPolicy]) -> dict[str, kv.KVPolicy]:
+    return {k: p for k, p in pols.items() if not res.have(section=section, group=group, policy=_split(k)[0],
+                                                          kept=_split(k)[1])}
+
+
+def caches_for(engine: Engine, ids: list[int], pols: dict[str, kv.KVPolicy], room: int
+               ) -> dict[str, tuple[torch.Tensor, Any, Any]]:
+    """(context's last logits, cache, decode planner) per policy key and ``"dense"``: one shared pass for the
+    policies that only cut, one pass each for those that change the prefill itself (``fan_out = False``); the
+    planner of a policy that decides at one-token steps (``decodes``), else None."""
+    shared = {k: p for k, p in pols.items() if p.fan_out}
+    last, caches = prefill_all(engine, ids, shared, room)
+    out: dict[str, tuple[torch.Tensor, Any, Any]] = {k: (last, c, None) for k, c in caches.items()}
+    for k, p in pols.items():
+        if not p.fan_out:
+            c = engine.new_cache(1, len(ids) + room, shrinking=p.shrinks)
+            lg = engine.forward(torch.tensor([ids], device=engine.device), c, p.planner(engine), logits="last")
+            out[k] = (lg.logits[0], c, None)
+        if p.decodes:
+            out[k] = (*out[k][:2], p.planner(engine))
+    return out
+
+
 def run_quality(engine: Engine, prof: LongProfile, texts: dict[str, str], res: Results, say) -> None:
-    pols = policy_set(prof)
     for tname, text in texts.items():
         ids = engine.tokenizer.encode(text)
         for L in prof.quality_lengths:
             group = f"{tname}-{L}"
-            if res.have(section="quality", group=group, policy="dense", kept=1.0):
+            pols = _missing(res, "quality", group, policy_set(prof))
+            dense_done = res.have(section="quality", group=group, policy="dense", kept=1.0)
+            if not pols and dense_done:
                 continue
             wins = quality_windows(ids, L, prof.windows)
             nll: dict[str, list[float]] = {k: [] for k in ["dense", *pols]}
@@ -258,14 +313,14 @@ def run_quality(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
             t0 = time.perf_counter()
             for j, w in enumerate(wins):
                 say(f"quality {group}: window {j + 1}/{len(wins)}")
-                last, caches = prefill_all(engine, w["context"], pols, CONT)
-                for k, c in caches.items():
+                for k, (last, c, pl) in caches_for(engine, w["context"], pols, CONT).items():
                     kv_tokens[k] = c.length
-                    nll[k].append(continuation_nll(engine, last, c, w["cont"]))
-                del caches
+                    nll[k].append(continuation_nll(engine, last, c, w["cont"], pl))
             nbytes = sum(len(engine.tokenizer.decode(w["cont"]).encode()) for w in wins)
             dense_bpb = sum(nll["dense"]) / math.log(2) / nbytes
             for k, v in nll.items():
+                if k == "dense" and dense_done:
+                    continue
                 name, kept = _split(k)
                 bpb = sum(v) / math.log(2) / nbytes
                 res.add({"section": "quality", "group": group, "text": tname, "length": L, "policy": name,
@@ -275,27 +330,52 @@ def run_quality(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
 
 
 def run_retrieval(engine: Engine, prof: LongProfile, prose: str, res: Results, say) -> None:
-    pols = policy_set(prof)
     for L in prof.probe_lengths:
         for variant in prof.variants:
             group = f"{variant}-{L}"
-            if res.have(section="retrieval", group=group, policy="dense", kept=1.0):
+            pols = _missing(res, "retrieval", group, policy_set(prof))
+            dense_done = res.have(section="retrieval", group=group, policy="dense", kept=1.0)
+            if not pols and dense_done:
                 continue
-            ps = probes(engine, prose, L, prof.depths, variant)
+            ps = probe_set(engine, prose, L, prof.depths, variant)
             got: dict[str, list[bool]] = {k: [] for k in ["dense", *pols]}
             for j, p in enumerate(ps):
                 say(f"retrieval {group}: probe {j + 1}/{len(ps)}")
-                _last, caches = prefill_all(engine, p["context"], pols, len(p["question"]) + p["max_new"] + 1)
-                for k, c in caches.items():
-                    got[k].append(answered(engine, greedy_answer(engine, c, p["question"], p["max_new"]),
-                                           p["answer"]))
-                del caches
+                room = len(p["question"]) + p["max_new"] + 1
+                for k, (last, c, pl) in caches_for(engine, p["context"], pols, room).items():
+                    toks = greedy_answer(engine, c, p["question"], p["max_new"], pl, last)
+                    got[k].append(answered(engine, toks, p["answer"]))
             for k, v in got.items():
+                if k == "dense" and dense_done:
+                    continue
                 name, kept = _split(k)
                 res.add({"section": "retrieval", "group": group, "variant": variant, "length": L, "policy": name,
                          "kept": kept, "accuracy": sum(v) / len(v), "correct": v,
                          "depths": [p["depth"] for p in ps],
                          "context_tokens": [len(p["context"]) for p in ps]})
+
+
+def run_prefill(engine: Engine, prof: LongProfile, prose: str, res: Results, say) -> None:
+    """Time to first token at long context: dense and each prefill-saving policy, interleaved in one process."""
+    ids = engine.tokenizer.encode(prose)
+    for L in prof.prefill_lengths:
+        group = f"prefill-{L}"
+        pols = {k: p for k, p in _missing(res, "prefill", group, {
+            f"{n}@{k:g}": kv.get(n, k) for n in prof.prefill_policies for k in prof.kept}).items()}
+        if not pols and res.have(section="prefill", group=group, policy="dense", kept=1.0):
+            continue
+        prompt = torch.tensor([ids[:L]], device=engine.device)
+
+        say(f"prefill {L}: dense and {', '.join(pols)}, interleaved")
+        t = interleaved({"dense": _prefill_timer(engine, prompt, None),
+                         **{k: _prefill_timer(engine, prompt, p) for k, p in pols.items()}}, warmup=1,
+                        repeats=prof.prefill_repeats)
+        for k in ["dense", *pols]:
+            name, kept = _split(k)
+            if k == "dense" and res.have(section="prefill", group=group, policy="dense", kept=1.0):
+                continue
+            res.add({"section": "prefill", "group": group, "length": L, "policy": name, "kept": kept,
+                     "prefill_s": t[k], "ttft_speedup": paired_ratio(t["dense"], t[k])})
 
 
 def run_timing(engine: Engine, prof: LongProfile, prose: str, res: Results, say) -> None:
@@ -310,7 +390,7 @@ def run_timing(engine: Engine, prof: LongProfile, prose: str, res: Results, say)
         caches, prefill_s, floor = {}, {}, {}
         for k, pol in configs.items():
             say(f"timing {group}: prefill {k}")
-            c = engine.new_cache(1, len(prompt) + prof.decode_tokens + 1, shrinking=pol is not None)
+            c = engine.new_cache(1, len(prompt) + prof.decode_tokens + 1, shrinking=pol is not None and pol.shrinks)
             t0 = time.perf_counter()
             engine.forward(torch.tensor([prompt]), c, pol.planner(engine) if pol else None, logits="last")
             prefill_s[k] = time.perf_counter() - t0
@@ -328,6 +408,14 @@ def run_timing(engine: Engine, prof: LongProfile, prose: str, res: Results, say)
                      "decode_speedup": paired_ratio(t["dense"], t[k]), "kv_tokens": c.length,
                      "kv_bytes": c.nbytes()})
         del caches
+
+
+def _prefill_timer(engine: Engine, prompt: torch.Tensor, pol: kv.KVPolicy | None):
+    """A timed function: one prefill of ``prompt`` into a new cache (the time to first token)."""
+    def run() -> None:
+        c = engine.new_cache(1, prompt.shape[1] + 1, shrinking=pol is not None and pol.shrinks)
+        engine.forward(prompt, c, pol.planner(engine) if pol else None, logits="last")
+    return run
 
 
 def _decode_timer(engine: Engine, c: Any, floor: int, tok: int, n: int):
@@ -352,7 +440,7 @@ def memory_probe(model: str, weights: str | None, length: int, spec: str | None,
     rss_loaded = rss_peak_bytes()
     ids = e.tokenizer.encode(repo_data("prose.txt").read_text())[:length - decode]
     pol = kv.get(spec.split("@")[0], float(spec.split("@")[1])) if spec else None
-    c = e.new_cache(1, len(ids) + decode + 1, shrinking=pol is not None)
+    c = e.new_cache(1, len(ids) + decode + 1, shrinking=pol is not None and pol.shrinks)
     with torch.inference_mode():
         e.forward(torch.tensor([ids]), c, pol.planner(e) if pol else None, logits="last")
         x = torch.tensor([[ids[-1]]])
@@ -403,7 +491,8 @@ def run_kvpress(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
             job["quality"][f"{tname}-{L}"] = {"windows": quality_windows(ids, L, prof.windows)}
     for L in prof.kvpress_probe_lengths:
         for variant in prof.kvpress_variants:
-            job["retrieval"][f"{variant}-{L}"] = {"probes": probes(engine, texts["prose"], L, prof.depths, variant)}
+            job["retrieval"][f"{variant}-{L}"] = {"probes": probe_set(engine, texts["prose"], L, prof.depths,
+                                                                       variant)}
     jp, op = out / "kvpress-job.json", out / "kvpress-raw.jsonl"
     jp.write_text(json.dumps(job))
     say("kvpress: running its presses in its own environment (see kvpress-raw.jsonl)")
@@ -438,7 +527,7 @@ def run_kvpress(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
 
 
 # ---- the run and its report -----------------------------------------------------------------------------------
-SECTIONS = ("quality", "retrieval", "timing", "memory", "kvpress")
+SECTIONS = ("quality", "retrieval", "prefill", "timing", "memory", "kvpress")
 
 
 def run_long_bench(engine: Engine, model: str, weights: str | None, profile: str, out_dir: str | Path,
@@ -452,7 +541,7 @@ def run_long_bench(engine: Engine, model: str, weights: str | None, profile: str
     if bad:
         raise PonderError(f"unknown section {bad[0]!r}; choose from {', '.join(SECTIONS)}")
     prof = PROFILES[profile]
-    need = max((*prof.quality_lengths, *prof.probe_lengths, *prof.timing_lengths)) + CONT
+    need = max(max(prof.quality_lengths) + CONT, max(prof.probe_lengths) + 9, max(prof.timing_lengths))
     if need > engine.cfg.max_position_embeddings:
         raise PonderError(f"profile {profile} needs {need} tokens of context but the model's window is "
                           f"{engine.cfg.max_position_embeddings}; use a smaller profile")
@@ -472,6 +561,8 @@ def run_long_bench(engine: Engine, model: str, weights: str | None, profile: str
             run_quality(engine, prof, texts, res, say)
         if "retrieval" in sections:
             run_retrieval(engine, prof, texts["prose"], res, say)
+        if "prefill" in sections:
+            run_prefill(engine, prof, texts["prose"], res, say)
         if "timing" in sections:
             run_timing(engine, prof, texts["prose"], res, say)
     if "memory" in sections and prof.memory:
@@ -532,6 +623,17 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 cells.append("" if r is None else f"{r['accuracy']:.2f}")
             label = pol if peer == "ponder" else f"kvpress {pol}"
             L.append(f"| {label} | {kept:g} | " + " | ".join(cells) + " |")
+        L.append("")
+    pf = [r for r in rows if r["section"] == "prefill"]
+    if pf:
+        L += ["## Time to first token: prefill at long context, batch 1 (interleaved with dense)", "",
+              "| length | policy | kept | prefill s (min-max) | speedup (min-max) |", "|---:|---|---:|---:|---:|"]
+        for r in sorted(pf, key=lambda r: (r["length"], r["policy"] != "dense", -r["kept"])):
+            t, s = r["prefill_s"], r.get("ttft_speedup")
+            sp = "1 (reference)" if r["policy"] == "dense" or not s else \
+                f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+            L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {t['median']:.2f} ({t['min']:.2f}-"
+                     f"{t['max']:.2f}) | {sp} |")
         L.append("")
     tm = [r for r in rows if r["section"] == "timing"]
     if tm:

@@ -37,6 +37,8 @@ class KVPolicy:
     name: ClassVar[str] = "kv-base"
     saves: ClassVar[tuple[str, ...]] = ("decode", "memory")
     scores_from: ClassVar[str] = "attention"  # what the score reads: "attention" (recomputed queries), "keys", "none"
+    fan_out: ClassVar[bool] = True  # it only cuts the cache (the prefill's states are dense's): benches may share one
+    decodes: ClassVar[bool] = False  # it decides at one-token steps too (benches feed continuations token by token)
     real: ClassVar[bool] = True  # evicted slots are freed and never read
     kv_compatible: ClassVar[bool] = True
     batch_compatible: ClassVar[bool] = True
@@ -69,6 +71,11 @@ class KVPolicy:
         raise NotImplementedError
 
     # ---- shared ----------------------------------------------------------------------------------------------
+    @classmethod
+    def flags(cls) -> dict[str, Any]:
+        return {"real": cls.real, "kv_compatible": cls.kv_compatible, "batch_compatible": cls.batch_compatible,
+                "training_free": cls.training_free, "lossless": cls.lossless, "saves": list(cls.saves)}
+
     def kept(self, n: int) -> int:
         """Tokens kept of a prompt of ``n`` tokens."""
         return min(n, self.tokens) if self.tokens else min(n, max(1, math.ceil(self.budget * n - 1e-9)))
@@ -80,12 +87,13 @@ class KVPolicy:
 
     def generate(self, engine: Engine, prompts: list[list[int]], sc: SamplingConfig, stats: Stats | None = None,
                  on_token=None) -> GenerationResult:
-        return generate(engine, prompts, sc, lambda: self.planner(engine), stats, on_token, shrinking=True)
+        return generate(engine, prompts, sc, lambda: self.planner(engine), stats, on_token,
+                        shrinking=self.shrinks)
 
-    @classmethod
-    def flags(cls) -> dict[str, Any]:
-        return {"real": cls.real, "kv_compatible": cls.kv_compatible, "batch_compatible": cls.batch_compatible,
-                "training_free": cls.training_free, "lossless": cls.lossless, "saves": list(cls.saves)}
+    @property
+    def shrinks(self) -> bool:
+        """Whether it cuts the cache (it needs a ``ShrinkingCache``); a prefill-only or read-only method does not."""
+        return "memory" in self.saves
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
