@@ -294,3 +294,23 @@ def test_selective_attention_over_every_key_equals_dense_and_tokenselect_reads_i
     seen = plan.keys_ok.sum(-1)
     assert seen.tolist() == [[13] * Hk, [5] * Hk]  # ceil(0.25 * real tokens) per row and KV head
     assert bool((plan.keys[1][plan.keys_ok[1]] >= 30).all())  # never a padding column
+
+
+def test_lazyllm_compacted_layers_equal_the_masked_path(eng, monkeypatch):
+    """A one-row prefill runs a pruned layer as a dense causal layer on the running rows (the fused kernel); the
+    masked path it replaces must give the same logits, cache and holes."""
+    from ponder.engine.forward import Engine
+
+    pol = kv.get("lazyllm", 0.25)
+    outs = []
+    for compact in (True, False):
+        if not compact:
+            monkeypatch.setattr(Engine, "_compactable", staticmethod(lambda *a: False))
+        c = eng.new_cache(1, 70)
+        first = eng.forward(torch.tensor([LONG]), c, pol.planner(eng), logits="last").logits
+        nxt = eng.forward(torch.tensor([LONG[:6]]), c, None, logits="all", phase="decode").logits
+        outs.append((first, nxt, c))
+    (f1, n1, c1), (f2, n2, c2) = outs
+    assert (f1 - f2).abs().max() < tol(eng) and (n1 - n2).abs().max() < tol(eng)
+    assert sorted(c1.holes) == sorted(c2.holes)
+    assert all(torch.equal(c1.holes[i], c2.holes[i]) for i in c1.holes)

@@ -8,6 +8,10 @@ share the base mask, so a dense model pays for exactly one mask.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
 
 from ..errors import PonderError
@@ -82,6 +86,26 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+_MMAP_SET = False
+
+
+def release_freed_buffers() -> bool:
+    """Make glibc return a freed multi-megabyte buffer to the OS at once (a fixed 1 MiB mmap threshold), once per
+    process. Why: by default glibc raises its mmap threshold after the first such free, so the next buffers come
+    from the heap and a cut layer's freed storage stays resident as fragments (measured at 4k tokens: a cache
+    halved by a policy left the process's peak RSS unchanged; with the fixed threshold it drops by the freed KV
+    bytes). False where the C library is not glibc."""
+    global _MMAP_SET
+    if _MMAP_SET or not sys.platform.startswith("linux"):
+        return _MMAP_SET
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _MMAP_SET = bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        _MMAP_SET = False
+    return _MMAP_SET
+
+
 class _Layers:
     """Per-layer K or V storage, each (B, Hk, capacity, hd), allocated on first use (``torch.empty``: a page is
     only resident once a token is written to it)."""
@@ -122,6 +146,7 @@ class ShrinkingCache(KVCache):
     shrinks = True
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        release_freed_buffers()
         L, Hk, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.k = _Layers(L, (batch, Hk, max_len, hd), dtype, device)  # type: ignore[assignment]
         self.v = _Layers(L, (batch, Hk, max_len, hd), dtype, device)  # type: ignore[assignment]

@@ -442,6 +442,8 @@ class Engine:
         w = self.layers[i]
         B, T, D = x.shape
         a, f = plan.attn, plan.ffn
+        if self._compactable(plan, B, T, start):
+            return self._compact_layer(i, w, x, plan.attn, cos, sin, cache, stats)
         kv_rows = attn_ctx = None
         if a is None and plan.keys is not None:
             x = self._selected_attn(i, w, x, plan.keys, plan.keys_ok, cos, sin, cache, start, end)
@@ -459,6 +461,35 @@ class Engine:
         if stats is not None:
             stats.layer(i, a, kv_rows, f, attn_ctx)
         return x
+
+    @staticmethod
+    def _compactable(plan: LayerPlan, B: int, T: int, start: int) -> bool:
+        """A fresh one-row prefill where the same rows run attention and FFN and the others leave nothing: the
+        layer is then plain causal attention over those rows alone (every other key of the layer is a hole), so
+        it can run as a dense layer on the compacted rows (the fused causal kernel) instead of the masked path."""
+        a = plan.attn
+        return (B == 1 and T > 1 and start == 0 and plan.kv == "none" and a is not None and plan.ffn is not None
+                and plan.replace is None and 0 < a.numel() < T and (plan.ffn is a or torch.equal(plan.ffn, a)))
+
+    def _compact_layer(self, i: int, w: LayerWeights, x: torch.Tensor, a: torch.Tensor, cos, sin, cache: KVCache,
+                       stats: Stats | None) -> torch.Tensor:
+        """The layer for the columns ``a`` of a one-row prefill, as a dense causal layer on those rows; their K/V
+        go to their own columns, every other column of the layer becomes a hole. The same math as the masked
+        path (``_attn_rows`` with ``kv="none"``), through the kernels a dense prefill uses."""
+        n, Hk, hd = a.numel(), self._Hk, self._hd
+        xa = x[:, a]
+        kb = x.new_empty(1, Hk, n, hd)
+        vb = x.new_empty(1, Hk, n, hd)
+        xa = self.steps.attn(w, xa, cos[:, a].contiguous(), sin[:, a].contiguous(), kb, vb, 0, n, None, True)
+        xa = self.steps.ffn(w, xa.view(n, -1)).view(1, n, -1)
+        cache.k[i][:, :, a], cache.v[i][:, :, a] = kb, vb
+        off = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+        off[a] = False
+        cols = off.nonzero().squeeze(1)
+        cache.punch(i, torch.zeros_like(cols), cols)
+        if stats is not None:
+            stats.layer(i, a, a, a, n * (n + 1) / 2)
+        return x.index_copy(1, a, xa)
 
     def _write_kv(self, i: int, w: LayerWeights, x: torch.Tensor, a: torch.Tensor, kv: str, cos, sin,
                   cache: KVCache, start: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -53,7 +53,10 @@ def continuation_nll(model, press, ctx: list[int], cont: list[int]) -> tuple[flo
             with press(model):
                 last = model(input_ids=x, past_key_values=cache).logits[0, -1]
         y = torch.tensor([cont])
-        lg = model(input_ids=y, past_key_values=cache).logits[0]
+        # positions continue the uncompressed context (as kvpress's pipeline passes them): the cache's own length
+        # is the compressed one
+        pos = torch.arange(len(ctx), len(ctx) + len(cont))[None]
+        lg = model(input_ids=y, past_key_values=cache, position_ids=pos).logits[0]
     lp = torch.cat([last[None], lg[:-1]]).float().log_softmax(-1)
     nll = -float(lp.gather(1, y[0][:, None]).sum())
     return nll, time.perf_counter() - t0
@@ -68,13 +71,18 @@ def answer(model, press, ctx: list[int], question: list[int], max_new: int) -> l
         else:
             with press(model):
                 lg = model(input_ids=x, past_key_values=cache).logits[0, -1]
+        n = len(ctx)  # positions continue the uncompressed context, as kvpress's pipeline passes them
         if question:  # asked after the compressed context (else it was the prompt's end)
-            lg = model(input_ids=torch.tensor([question]), past_key_values=cache).logits[0, -1]
+            pos = torch.arange(n, n + len(question))[None]
+            lg = model(input_ids=torch.tensor([question]), past_key_values=cache, position_ids=pos).logits[0, -1]
+            n += len(question)
         out = []
         for _ in range(max_new):
             t = int(lg.argmax())
             out.append(t)
-            lg = model(input_ids=torch.tensor([[t]]), past_key_values=cache).logits[0, -1]
+            lg = model(input_ids=torch.tensor([[t]]), past_key_values=cache,
+                       position_ids=torch.tensor([[n]])).logits[0, -1]
+            n += 1
     return out
 
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +70,8 @@ class LongProfile:
     decode_tokens: int = 32
     repeats: int = 5
     memory: bool = True
+    memory_repeats: int = 2
+    memory_policies: tuple[str, ...] = ("streaming", "snapkv")  # the cut is the same size for every cutter
     kvpress_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "knorm", "random",
                                         "expected_attention", "observed_attention")
     kvpress_probe_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "expected_attention")
@@ -450,21 +454,32 @@ def memory_probe(model: str, weights: str | None, length: int, spec: str | None,
             "kv_tokens": c.length}
 
 
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # the allocator setting a shrinking cache makes, for all
+
+
 def run_memory(prof: LongProfile, model: str, weights: str | None, threads: int, res: Results, say) -> None:
+    """Each configuration in ``prof.memory_repeats`` fresh processes, dense ones too under the allocator setting a
+    shrinking cache makes (``release_freed_buffers``), so the difference is the cache's alone."""
+    env = {**os.environ, **MEMORY_ENV}
     for L in prof.timing_lengths:
-        for spec in [None, *(f"{n}@{prof.timing_kept:g}" for n in prof.timing_policies)]:
+        for spec in [None, *(f"{n}@{prof.timing_kept:g}" for n in prof.memory_policies)]:
             name, kept = _split(spec) if spec else ("dense", 1.0)
             group = f"memory-{L}"
             if res.have(section="memory", group=group, policy=name, kept=kept):
                 continue
-            say(f"memory {L}: {spec or 'dense'} in a fresh process")
-            cmd = [sys.executable, "-m", "ponder.eval.longctx", "memory", model, weights or "", str(L), spec or "",
-                   str(prof.decode_tokens), str(threads)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise PonderError(f"the memory probe failed: {r.stderr.strip().splitlines()[-1:]}")
-            m = json.loads(r.stdout.strip().splitlines()[-1])
-            res.add({"section": "memory", "group": group, "length": L, "policy": name, "kept": kept, **m})
+            runs = []
+            for j in range(prof.memory_repeats):
+                say(f"memory {L}: {spec or 'dense'} in a fresh process ({j + 1}/{prof.memory_repeats})")
+                cmd = [sys.executable, "-m", "ponder.eval.longctx", "memory", model, weights or "", str(L),
+                       spec or "", str(prof.decode_tokens), str(threads)]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if r.returncode != 0:
+                    raise PonderError(f"the memory probe failed: {r.stderr.strip().splitlines()[-1:]}")
+                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            peaks = [m["peak_rss"] for m in runs]
+            res.add({"section": "memory", "group": group, "length": L, "policy": name, "kept": kept,
+                     **runs[0], "peak_rss": statistics.median(peaks), "peak_rss_min": min(peaks),
+                     "peak_rss_max": max(peaks), "runs": runs, "env": MEMORY_ENV})
 
 
 def kvpress_python(root: Path) -> Path | None:
@@ -651,7 +666,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         L.append("")
     mem = [r for r in rows if r["section"] == "memory"]
     if mem:
-        L += ["## Memory: peak resident set of a fresh process (load, prefill, decode)", "",
+        L += ["## Memory: peak resident set of a fresh process (load, prefill, decode; median of runs, min-max)", "",
               "| length | policy | kept | peak RSS | below dense | KV held | KV freed vs dense |",
               "|---:|---|---:|---:|---:|---:|---:|"]
         for r in sorted(mem, key=lambda r: (r["length"], r["policy"] != "dense", r["policy"])):
@@ -660,8 +675,9 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if d and r is not d:
                 below = f"{(d['peak_rss'] - r['peak_rss']) / 2**20:.0f} MiB"
                 freed = f"{(d['kv_bytes'] - r['kv_bytes']) / 2**20:.0f} MiB"
-            L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {r['peak_rss'] / 2**20:.0f} MiB | {below} | "
-                     f"{r['kv_bytes'] / 2**20:.0f} MiB | {freed} |")
+            rng = f" ({r['peak_rss_min'] / 2**20:.0f}-{r['peak_rss_max'] / 2**20:.0f})" if "peak_rss_min" in r else ""
+            L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {r['peak_rss'] / 2**20:.0f} MiB{rng} | "
+                     f"{below} | {r['kv_bytes'] / 2**20:.0f} MiB | {freed} |")
         L.append("")
     return "\n".join(L) + "\n"
 
