@@ -123,9 +123,6 @@ class _Layers:
     def __setitem__(self, i: int, t: torch.Tensor) -> None:
         self.t[i] = t
 
-    def __len__(self) -> int:
-        return len(self.t)
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.t if t is not None)
 
@@ -160,7 +157,6 @@ class ShrinkingCache(KVCache):
         self.batch = batch
         self.layers = L
         self._pending: dict[int, torch.Tensor] = {}  # layer -> real slots kept per row, until every layer is cut
-        self.evicted = 0  # slots dropped per (row, layer, head) so far, summed over cuts
         self.floor = 0  # the length right after the last cut: nothing before it can be rewritten
 
     def punch(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
@@ -213,7 +209,6 @@ class ShrinkingCache(KVCache):
         nxt = had + self.shift  # the position the row's next token takes
         pad = n - real
         room = self.max_len - self.length
-        self.evicted += int((had - real).max())
         self.pad, self.shift = pad, nxt - real
         self.pos_extra = int(self.shift.max())
         self.length, self.max_len, self.floor = n, n + room, n

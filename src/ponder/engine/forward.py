@@ -28,7 +28,7 @@ from . import steps
 from .cache import KVCache, ShrinkingCache
 from .plan import LayerPlan
 from .stats import Stats
-from .steps import PythonSteps, attend, row_kv
+from .steps import PythonSteps, attend, rotated_qkv, row_kv
 
 
 @dataclass
@@ -567,12 +567,8 @@ class Engine:
         B, T, D = x.shape
         if T != 1:
             raise ValueError("selective attention serves one-token steps; feed longer inputs one token at a time")
-        H, Hk, hd, eps = self._H, self._Hk, self._hd, self.cfg.rms_norm_eps
-        q, k, v = w.qkv(rms_norm(x, w.ln1, eps))
-        q, k = q.view(B, 1, H, hd), k.view(B, 1, Hk, hd)
-        if w.q_norm is not None:
-            q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hk, hd = self._H, self._Hk, self._hd
+        q, k, v = rotated_qkv(w, x, cos, sin, H, Hk, hd, self.cfg.rms_norm_eps)
         k, v = k.transpose(1, 2), v.view(B, 1, Hk, hd).transpose(1, 2)  # (B, Hk, 1, hd)
         cache.k[i][:, :, start:end], cache.v[i][:, :, start:end] = k, v
         e = keys[..., None].expand(*keys.shape, hd)

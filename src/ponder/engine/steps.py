@@ -62,6 +62,18 @@ def row_kv(w: LayerWeights, hn: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return apply_rope(k, cos, sin), v.reshape(n, Hk, hd)
 
 
+def rotated_qkv(w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, Hk: int, hd: int,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's queries (B, T, H, hd) and keys (B, T, Hk, hd), normed where the family norms them and rotated, and
+    its values (B, T, Hk * hd), for input states x (B, T, D): what every attention route starts from."""
+    B, T, _ = x.shape
+    q, k, v = w.qkv(rms_norm(x, w.ln1, eps))
+    q, k = q.view(B, T, H, hd), k.view(B, T, Hk, hd)
+    if w.q_norm is not None:
+        q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 class PythonSteps:
     """The reference halves."""
 
@@ -75,12 +87,8 @@ class PythonSteps:
              cv: torch.Tensor, start: int, end: int, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """The attention half for every row of x (B, T, D), residual added; writes cache columns [start, end)."""
         B, T, _ = x.shape
-        H, Hk, hd = self.H, self.Hk, self.hd
-        q, k, v = w.qkv(rms_norm(x, w.ln1, self.eps))
-        q, k = q.view(B, T, H, hd), k.view(B, T, Hk, hd)
-        if w.q_norm is not None:
-            q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        Hk, hd = self.Hk, self.hd
+        q, k, v = rotated_qkv(w, x, cos, sin, self.H, Hk, hd, self.eps)
         ck[:, :, start:end] = k.transpose(1, 2)
         cv[:, :, start:end] = v.reshape(B, T, Hk, hd).transpose(1, 2)
         o = attend(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], mask, is_causal)

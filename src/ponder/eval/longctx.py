@@ -259,17 +259,18 @@ class Results:
         self.rows: list[dict[str, Any]] = []
         if self.path.is_file():
             self.rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        self._keys = {self.key(r) for r in self.rows}
 
     @staticmethod
     def key(r: dict[str, Any]) -> tuple:
         return (r["section"], r.get("peer", "ponder"), r.get("group"), r.get("policy"), r.get("kept"))
 
     def have(self, **k: Any) -> bool:
-        want = (k["section"], k.get("peer", "ponder"), k.get("group"), k.get("policy"), k.get("kept"))
-        return any(self.key(r) == want for r in self.rows)
+        return self.key(k) in self._keys
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        self._keys.add(self.key(row))
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -364,8 +365,8 @@ def run_prefill(engine: Engine, prof: LongProfile, prose: str, res: Results, say
     ids = engine.tokenizer.encode(prose)
     for L in prof.prefill_lengths:
         group = f"prefill-{L}"
-        pols = {k: p for k, p in _missing(res, "prefill", group, {
-            f"{n}@{k:g}": kv.get(n, k) for n in prof.prefill_policies for k in prof.kept}).items()}
+        pols = _missing(res, "prefill", group,
+                        {f"{n}@{k:g}": kv.get(n, k) for n in prof.prefill_policies for k in prof.kept})
         if not pols and res.have(section="prefill", group=group, policy="dense", kept=1.0):
             continue
         prompt = torch.tensor([ids[:L]], device=engine.device)
@@ -599,6 +600,23 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:+.1f}%"
 
 
+def _speedup(r: dict[str, Any], key: str) -> str:
+    s = r.get(key)
+    return "1 (reference)" if r["policy"] == "dense" or not s else f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def _policy_table(rows: list[dict[str, Any]], groups: list[str], heads: list[str], cell) -> list[str]:
+    """One row per (peer, policy, kept), one column per group: dense first, then by kept fraction, kvpress last."""
+    out = ["| policy | kept | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(groups)]
+    by = {(r.get("peer", "ponder"), r["policy"], r["kept"], r["group"]): r for r in rows}
+    seen = sorted({k[:3] for k in by}, key=lambda t: (t[0] != "ponder", t[1] not in ("dense", "none"), -t[2], t[1]))
+    for peer, pol, kept in seen:
+        cells = ["" if (peer, pol, kept, g) not in by else cell(by[peer, pol, kept, g]) for g in groups]
+        label = pol if peer == "ponder" else f"kvpress {pol}"
+        out.append(f"| {label} | {kept:g} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     env = meta.get("env", {})
     L = [f"# Long context: KV selection on {meta['model']} ({meta['weights']}), profile {meta['profile']}", "",
@@ -607,48 +625,23 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     q = [r for r in rows if r["section"] == "quality"]
     if q:
         groups = sorted({r["group"] for r in q}, key=lambda g: (g.split("-")[0], int(g.split("-")[1])))
-        L += ["## Quality: bits per byte of 64 continuation tokens after the cut context (change vs dense)", "",
-              "| policy | kept | " + " | ".join(groups) + " |", "|---|---:|" + "---:|" * len(groups)]
-        seen = sorted({(r.get("peer", "ponder"), r["policy"], r["kept"]) for r in q},
-                      key=lambda t: (t[0] != "ponder", t[1] not in ("dense", "none"), t[2] * -1, t[1]))
-        for peer, pol, kept in seen:
-            cells = []
-            for g in groups:
-                r = next((r for r in q if r["group"] == g and r.get("peer", "ponder") == peer
-                          and r["policy"] == pol and r["kept"] == kept), None)
-                cells.append("" if r is None else (f"{r['bits_per_byte']:.4f}" if pol in ("dense", "none")
-                                                   else _pct(r.get("delta_pct"))))
-            label = pol if peer == "ponder" else f"kvpress {pol}"
-            L.append(f"| {label} | {kept:g} | " + " | ".join(cells) + " |")
-        L.append("")
+        L += ["## Quality: bits per byte of 64 continuation tokens after the cut context (change vs dense)", ""]
+        L += _policy_table(q, groups, groups, lambda r: f"{r['bits_per_byte']:.4f}" if r["policy"] in (
+            "dense", "none") else _pct(r.get("delta_pct")))
     rt = [r for r in rows if r["section"] == "retrieval"]
     if rt:
         groups = sorted({r["group"] for r in rt}, key=lambda g: (int(g.split("-")[1]), g))
         n = {r["group"]: len(r["correct"]) for r in rt}
-        L += ["## Retrieval: accuracy (facts at several depths; the question asked after the cut)", "",
-              "| policy | kept | " + " | ".join(f"{g} (n={n[g]})" for g in groups) + " |",
-              "|---|---:|" + "---:|" * len(groups)]
-        seen = sorted({(r.get("peer", "ponder"), r["policy"], r["kept"]) for r in rt},
-                      key=lambda t: (t[0] != "ponder", t[1] not in ("dense", "none"), t[2] * -1, t[1]))
-        for peer, pol, kept in seen:
-            cells = []
-            for g in groups:
-                r = next((r for r in rt if r["group"] == g and r.get("peer", "ponder") == peer
-                          and r["policy"] == pol and r["kept"] == kept), None)
-                cells.append("" if r is None else f"{r['accuracy']:.2f}")
-            label = pol if peer == "ponder" else f"kvpress {pol}"
-            L.append(f"| {label} | {kept:g} | " + " | ".join(cells) + " |")
-        L.append("")
+        L += ["## Retrieval: accuracy (facts at several depths; the question asked after the cut)", ""]
+        L += _policy_table(rt, groups, [f"{g} (n={n[g]})" for g in groups], lambda r: f"{r['accuracy']:.2f}")
     pf = [r for r in rows if r["section"] == "prefill"]
     if pf:
         L += ["## Time to first token: prefill at long context, batch 1 (interleaved with dense)", "",
               "| length | policy | kept | prefill s (min-max) | speedup (min-max) |", "|---:|---|---:|---:|---:|"]
         for r in sorted(pf, key=lambda r: (r["length"], r["policy"] != "dense", -r["kept"])):
-            t, s = r["prefill_s"], r.get("ttft_speedup")
-            sp = "1 (reference)" if r["policy"] == "dense" or not s else \
-                f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+            t = r["prefill_s"]
             L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {t['median']:.2f} ({t['min']:.2f}-"
-                     f"{t['max']:.2f}) | {sp} |")
+                     f"{t['max']:.2f}) | {_speedup(r, 'ttft_speedup')} |")
         L.append("")
     tm = [r for r in rows if r["section"] == "timing"]
     if tm:
@@ -657,11 +650,9 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "KV held |", "|---:|---|---:|---:|---:|---:|---:|"]
         for r in sorted(tm, key=lambda r: (r["length"], r["policy"] != "dense", r["policy"])):
             d = r["decode_s_per_token"]
-            s = r.get("decode_speedup")
-            sp = "1 (reference)" if r["policy"] == "dense" or not s else \
-                f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
             L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {r['prefill_s']:.2f} | "
-                     f"{1e3 * d['median']:.2f} ({1e3 * d['min']:.2f}-{1e3 * d['max']:.2f}) | {sp} | "
+                     f"{1e3 * d['median']:.2f} ({1e3 * d['min']:.2f}-{1e3 * d['max']:.2f}) | "
+                     f"{_speedup(r, 'decode_speedup')} | "
                      f"{r['kv_bytes'] / 2**20:.1f} MiB ({r['kv_tokens']} tok) |")
         L.append("")
     mem = [r for r in rows if r["section"] == "memory"]

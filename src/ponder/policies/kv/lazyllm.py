@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...engine.forward import PlannerBase
 from ...engine.plan import LayerPlan
 from ...errors import PonderError
 from .base import KVPolicy, window_attention
@@ -61,7 +62,7 @@ class LazyLLM(KVPolicy):
         return sorted({min(L - 1, a + round(j * (L - a) / self.stages)) for j in range(self.stages)})
 
 
-class LazyPlanner:
+class LazyPlanner(PlannerBase):
     """Prefill plans: the running rows shrink at each stage layer; decode steps run dense."""
 
     def __init__(self, policy: LazyLLM, engine):
@@ -80,15 +81,6 @@ class LazyPlanner:
             self._prune(i, ctx)
         self.prev_x = x
         return self.plan
-
-    def observe(self, i, x, ctx):
-        return None
-
-    def known_logits(self):
-        return None
-
-    def evict(self, i, x_in, ctx):
-        return None
 
     def _prune(self, i: int, ctx) -> None:
         """Rank the running rows by the last token's attention at layer i - 1 and keep the top of each row."""

@@ -47,9 +47,6 @@ class SelectPlanner(PlannerBase):
     def __init__(self, policy: TokenSelect, engine):
         self.policy, self.engine = policy, engine
 
-    def evict(self, i, x_in, ctx):
-        return None
-
     def layer(self, i, x, ctx):
         if ctx.T != 1 or ctx.start == 0:
             return None
