@@ -16,6 +16,7 @@ import torch
 
 from ..errors import PonderError
 from ..models.config import ModelConfig
+from .lowbits import LowSlots
 
 
 class KVCache:
@@ -28,6 +29,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # not padding
         self.holes: dict[int, torch.Tensor] = {}  # layer -> its own validity, where tokens left no K/V
+        self.low: dict[int, LowSlots] = {}  # layer -> its demoted tokens at low precision (a shrinking cache's)
+        self.low_valid: torch.Tensor | None = None  # (B, m): which demoted slots are real, every layer alike
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         self.padded = False  # any row has left padding (python flag: lets the dense path skip masks)
         self.length = 0
@@ -149,6 +152,8 @@ class ShrinkingCache(KVCache):
         self.v = _Layers(L, (batch, Hk, max_len, hd), dtype, device)  # type: ignore[assignment]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.holes = {}
+        self.low = {}
+        self.low_valid = None
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         self.shift = torch.zeros(batch, dtype=torch.long, device=device)  # position of a column = col - pad + shift
         self.padded = False
@@ -157,6 +162,7 @@ class ShrinkingCache(KVCache):
         self.batch = batch
         self.layers = L
         self._pending: dict[int, torch.Tensor] = {}  # layer -> real slots kept per row, until every layer is cut
+        self._pending_low: dict[int, torch.Tensor] = {}  # layer -> real slots demoted per row, likewise
         self.floor = 0  # the length right after the last cut: nothing before it can be rewritten
 
     def punch(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
@@ -175,17 +181,26 @@ class ShrinkingCache(KVCache):
         cols = torch.arange(start, end, device=self.valid.device)
         return (cols[None, :] - self.pad[:, None]).clamp_min(0) + self.shift[:, None]
 
-    def keep(self, layer: int, idx: torch.Tensor, real: torch.Tensor) -> None:
+    def keep(self, layer: int, idx: torch.Tensor, real: torch.Tensor,
+             demote: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> None:
         """Keep only the slots ``idx`` (B, Hk, n) of ``layer``, columns into [0, length) in the order they are to be
         stored; row b's last ``real[b]`` entries are the real tokens it keeps, its first ``n - real[b]`` masked
-        fillers. The old storage is released at once; the columns, masks and positions switch over when every
-        layer has been cut (``commit``), so the layers still to run in this step see the step as it began."""
+        fillers. ``demote`` = (columns (B, Hk, m), real count per row, bits, group): slots laid out the same way
+        that stay at low precision instead of leaving. The old storage is released at once; the columns, masks
+        and positions switch over when every layer has been cut (``commit``), so the layers still to run in this
+        step see the step as it began."""
         B, Hk, n = idx.shape
         k, v = self.k[layer], self.v[layer]
         if layer in self._pending:
             raise ValueError(f"layer {layer} was already cut in this step")
         room = self.max_len - self.length
         e = idx[..., None].expand(B, Hk, n, k.shape[-1])
+        if demote is not None:
+            di, dreal, bits, group = demote
+            d = di[..., None].expand(*di.shape, k.shape[-1])
+            self.low[layer] = LowSlots.of(k[:, :, :self.length].gather(2, d), v[:, :, :self.length].gather(2, d),
+                                          bits, group)
+            self._pending_low[layer] = dreal.to(self.pad.device)
         for store, t in ((self.k, k), (self.v, v)):
             new = t.new_empty(B, Hk, n + room, t.shape[-1])
             new[:, :, :n] = t[:, :, :self.length].gather(2, e)
@@ -200,10 +215,13 @@ class ShrinkingCache(KVCache):
         if len(self._pending) != self.layers:
             raise PonderError(f"a KV policy cut {len(self._pending)} of {self.layers} layers in one step; it must "
                               "cut every layer (or none)")
-        reals = list(self._pending.values())
-        real = reals[0]
-        if any(not torch.equal(r, real) for r in reals[1:]):
-            raise PonderError("a KV policy must keep the same number of real tokens of a row in every layer")
+        real = _same_in_every_layer(self._pending, "keep")
+        if self._pending_low:
+            if len(self._pending_low) != self.layers:
+                raise PonderError("a KV policy that demotes tokens must demote them in every layer")
+            dreal = _same_in_every_layer(self._pending_low, "demote")
+            m = self.low[0].k.q.shape[2]
+            self.low_valid = torch.arange(m, device=dreal.device)[None, :] >= (m - dreal)[:, None]
         n = self.k[0].shape[2] - (self.max_len - self.length)
         had = self.length - self.pad  # real tokens held per row before the cut
         nxt = had + self.shift  # the position the row's next token takes
@@ -215,7 +233,15 @@ class ShrinkingCache(KVCache):
         cols = torch.arange(self.max_len, device=self.valid.device)
         self.valid = (cols[None, :] >= pad[:, None]) & (cols[None, :] < n)
         self.padded = bool((pad > 0).any())
-        self._pending = {}
+        self._pending, self._pending_low = {}, {}
 
     def nbytes(self) -> int:
-        return self.k.nbytes() + self.v.nbytes()  # type: ignore[attr-defined]
+        return (self.k.nbytes() + self.v.nbytes()  # type: ignore[attr-defined]
+                + sum(s.nbytes() for s in self.low.values()))
+
+
+def _same_in_every_layer(counts: dict[int, torch.Tensor], what: str) -> torch.Tensor:
+    first, *rest = counts.values()
+    if any(not torch.equal(r, first) for r in rest):
+        raise PonderError(f"a KV policy must {what} the same number of real tokens of a row in every layer")
+    return first

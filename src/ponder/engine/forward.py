@@ -360,6 +360,7 @@ class Engine:
         base_mask = self._mask(cache.valid, start, end) if cache.padded or T > 1 else None
         causal = not cache.padded and T > 1 and start == 0
         cut = cache.shrinks and planner is not None
+        low_allow = self._low_allow(cache, start, end, base_mask) if cache.low else None
         for i in range(first_layer, last_layer):
             plan = planner.layer(i, x, ctx) if planner is not None else None
             x_in = x
@@ -370,7 +371,7 @@ class Engine:
             else:
                 mask, is_causal = (None, True) if causal else (base_mask, False)
             if plan is None or plan.dense:
-                x = self._dense_layer(i, x, cos, sin, cache, start, end, mask, is_causal)
+                x = self._dense_layer(i, x, cos, sin, cache, start, end, mask, is_causal, low_allow)
                 if stats is not None:
                     stats.layer(i, None, None, None, None)
             else:
@@ -430,9 +431,12 @@ class Engine:
         return (causal[None] & valid[:, None, :end]) | own[None]
 
     # ---- one layer ------------------------------------------------------------------------------------------
-    def _dense_layer(self, i, x, cos, sin, cache, start, end, mask, is_causal):
+    def _dense_layer(self, i, x, cos, sin, cache, start, end, mask, is_causal, low_allow=None):
         w = self.layers[i]
-        x = self.steps.attn(w, x, cos, sin, cache.k[i], cache.v[i], start, end, mask, is_causal)
+        if i in cache.low:
+            x = self._attn_with_low(i, w, x, cos, sin, cache, start, end, low_allow)
+        else:
+            x = self.steps.attn(w, x, cos, sin, cache.k[i], cache.v[i], start, end, mask, is_causal)
         return self.steps.ffn(w, x.view(-1, x.shape[-1])).view(x.shape)  # 2-D: a 3-D linear reshapes around it
 
     def _planned_layer(self, i, x, plan: LayerPlan, cos, sin, cache: KVCache, start, end, mask, is_causal,
@@ -442,6 +446,9 @@ class Engine:
         w = self.layers[i]
         B, T, D = x.shape
         a, f = plan.attn, plan.ffn
+        if i in cache.low:
+            raise PonderError("a depth or selection plan cannot run on a cache that holds low-precision slots; run "
+                              "the mixed-precision KV policy alone")
         if self._compactable(plan, B, T, start):
             return self._compact_layer(i, w, x, plan.attn, cos, sin, cache, stats)
         kv_rows = attn_ctx = None
@@ -580,6 +587,29 @@ class Engine:
         p = s.masked_fill(~allow[:, :, None, :], float("-inf")).softmax(-1)
         o = torch.matmul(p, vv).reshape(B, 1, H * hd)
         return x + self.lin(o, w.wo)
+
+    def _low_allow(self, cache: KVCache, start: int, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """What the queries at [start, end) may read of the demoted slots then the columns (B, T, m + end), once
+        per step; None when that is everything (one new token, no padding, no filler slot)."""
+        lv = cache.low_valid
+        assert lv is not None
+        if mask is None and end - start == 1 and bool(lv.all()):
+            return None
+        full = mask if mask is not None else self._mask(cache.valid, start, end)
+        return torch.cat([lv[:, None, :].expand(full.shape[0], end - start, -1), full], 2)
+
+    def _attn_with_low(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, cache: KVCache, start: int,
+                       end: int, allow: torch.Tensor | None) -> torch.Tensor:
+        """The attention half over the layer's demoted slots (read packed, or dequantised for this step only by
+        the reference halves) and its full-precision columns [0, end). The demoted tokens all precede every
+        column, so each query may read every real one of them."""
+        B, T, D = x.shape
+        H, Hk, hd = self._H, self._Hk, self._hd
+        q, k, v = rotated_qkv(w, x, cos, sin, H, Hk, hd, self.cfg.rms_norm_eps)
+        ck, cv = cache.k[i], cache.v[i]
+        ck[:, :, start:end], cv[:, :, start:end] = k.transpose(1, 2), v.view(B, T, Hk, hd).transpose(1, 2)
+        o = self.steps.attend_low(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], cache.low[i], allow)
+        return x + self.lin(o.transpose(1, 2).reshape(B, T, H * hd), w.wo)
 
     def _ffn_rows(self, w: LayerWeights, x: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
         """The FFN for the rows ``f`` (every row when None), gathered, run and added back."""

@@ -168,7 +168,18 @@ Tensor ffn(const Tensor& x, const Tensor& ln2, double eps, const Tensor& wgu, co
   return x + ponder::linear(at::silu(gu[0]) * gu[1], wd);
 }
 
+Tensor packed_qk(const Tensor& q, const Tensor& kq, const Tensor& ks, const Tensor& kz, int64_t bits, int64_t group,
+                 bool fast);
+Tensor packed_pv(const Tensor& p, const Tensor& vq, const Tensor& vs, const Tensor& vz, int64_t bits, int64_t group,
+                 bool fast);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_qk", &packed_qk, "scores of float32 queries against packed low-precision keys (engine/packed.cpp)",
+        pybind11::arg("q"), pybind11::arg("kq"), pybind11::arg("ks"), pybind11::arg("kz"), pybind11::arg("bits"),
+        pybind11::arg("group"), pybind11::arg("fast") = true);
+  m.def("packed_pv", &packed_pv, "probabilities times packed low-precision values (engine/packed.cpp)",
+        pybind11::arg("p"), pybind11::arg("vq"), pybind11::arg("vs"), pybind11::arg("vz"), pybind11::arg("bits"),
+        pybind11::arg("group"), pybind11::arg("fast") = true);
   m.def("decode_attn", &decode_attn);
   m.def("ffn", &ffn);
   m.def("decode_kv", &decode_kv);

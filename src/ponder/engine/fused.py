@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 
 _SRC = Path(__file__).with_name("fused.cpp")
-_SOURCES = [_SRC, _SRC.with_name("kernels.cpp")]
+_SOURCES = [_SRC, _SRC.with_name("kernels.cpp"), _SRC.with_name("packed.cpp")]
 _HEADERS = [_SRC.with_name("kernels.h"), _SRC.with_name("qrows.inc")]
 _state: dict[str, object] = {}
 

@@ -25,6 +25,7 @@ from . import fused
 
 if TYPE_CHECKING:
     from .forward import LayerWeights
+    from .lowbits import LowSlots
 
 SMALL_TQ = 16  # up to this many queries per row, attention runs as two batched matmuls instead of SDPA
 
@@ -110,6 +111,13 @@ class PythonSteps:
         """The FFN half with its residual, for rows xf (N, D)."""
         return xf + w.mlp(rms_norm(xf, w.ln2, self.eps))
 
+    def attend_low(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, low: LowSlots,
+                   allow: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, Tq, hd) over a layer's demoted slots then its full-precision k, v (B, Hk, Tk, hd); ``allow``
+        (B, Tq, m + Tk), None: every key. The reference dequantises the slots for this call."""
+        lk, lv = low.values(k.dtype)
+        return attend(q, torch.cat([lk, k], 2), torch.cat([lv, v], 2), allow, False)
+
 
 class FusedSteps(PythonSteps):
     """The compiled halves. Why the one-token specialisation: at batch 1 the attention half is ~20 small calls
@@ -140,6 +148,25 @@ class FusedSteps(PythonSteps):
 
     def ffn(self, w, xf):
         return self.mod.ffn(xf, w.ln2, self.eps, w.wgu[0], w.wd)
+
+    def attend_low(self, q, k, v, low, allow):
+        """A few queries per row read the packed slots in place (``packed.cpp``); softmax over both parts."""
+        B, H, Tq, hd = q.shape
+        if q.dtype != torch.float32 or Tq > SMALL_TQ:
+            return super().attend_low(q, k, v, low, allow)
+        Hk, Tk = k.shape[1], k.shape[2]
+        G, m, N = H // Hk, low.k.q.shape[2], B * Hk
+        qg = q.reshape(N, G * Tq, hd)
+        kp, vp = low.k, low.v
+        s_low = self.mod.packed_qk(qg, kp.q.view(N, m, -1), kp.scale.view(N, m, -1), kp.zero.view(N, m, -1),
+                                   kp.bits, kp.group)
+        s = torch.cat([s_low, torch.bmm(qg, k.reshape(N, Tk, hd).transpose(1, 2))], 2).mul_(hd ** -0.5)
+        if allow is not None:
+            s = s.view(B, Hk, G, Tq, m + Tk).masked_fill_(~allow[:, None, None], float("-inf")).view(N, G * Tq, -1)
+        p = s.softmax(-1)
+        o = self.mod.packed_pv(p[..., :m], vp.q.view(N, m, -1), vp.scale.view(N, m, -1), vp.zero.view(N, m, -1),
+                               vp.bits, vp.group)
+        return o.add_(torch.bmm(p[..., m:], v.reshape(N, Tk, hd))).view(B, H, Tq, hd)
 
 
 def compiled(on_cpu: bool, fuse: bool) -> ModuleType | None:

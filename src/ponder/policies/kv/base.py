@@ -110,19 +110,29 @@ class KVPlanner(PlannerBase):
         self.policy, self.engine = policy, engine
         self._keep: tuple[torch.Tensor, int] | None = None
 
-    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def kept(self, n: int) -> int:
+        """Full-precision slots kept of a prompt of ``n`` tokens."""
+        return self.policy.kept(n)
+
+    def scores(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return self.policy.scores(self.engine, i, x_in, ctx)
+
+    def cut(self, s: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, n: int, real: torch.Tensor) -> tuple:
+        """What ``ShrinkingCache.keep`` takes for one layer, from its scores."""
+        return select(s, valid, keep, n), keep
+
+    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple | None:
         if ctx.start != 0 or ctx.phase != "prefill":
             return None
         cache = ctx.cache
+        real = ctx.end - cache.pad
         if i == 0:
-            real = (ctx.end - cache.pad).tolist()
-            keep = torch.tensor([self.policy.kept(r) for r in real], device=cache.pad.device)
-            self._keep = None if all(k >= r for k, r in zip(keep.tolist(), real)) else (keep, int(keep.max()))
+            keep = torch.tensor([self.kept(r) for r in real.tolist()], device=cache.pad.device)
+            self._keep = None if bool((keep >= real).all()) else (keep, int(keep.max()))
         if self._keep is None:
             return None
         keep, n = self._keep
-        s = self.policy.scores(self.engine, i, x_in, ctx)
-        return select(s, cache.valid[:, :ctx.end], keep, n), keep
+        return self.cut(self.scores(i, x_in, ctx), cache.valid[:, :ctx.end], keep, n, real)
 
 
 def select(scores: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
