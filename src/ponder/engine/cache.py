@@ -11,12 +11,27 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import PonderError
 from ..models.config import ModelConfig
 from .lowbits import LowSlots
+
+
+@dataclass
+class WideHeads:
+    """A layer's KV heads that keep every token when the rest of the layer is cut (RazorAttention's retrieval
+    heads): their K/V (B, hw, capacity, hd) beside the layer's cut storage, written at column + ``wide_off``."""
+
+    heads: torch.Tensor  # (hw,) KV head indices
+    qheads: torch.Tensor  # the query heads they serve
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
 
 class KVCache:
@@ -31,6 +46,9 @@ class KVCache:
         self.holes: dict[int, torch.Tensor] = {}  # layer -> its own validity, where tokens left no K/V
         self.low: dict[int, LowSlots] = {}  # layer -> its demoted tokens at low precision (a shrinking cache's)
         self.low_valid: torch.Tensor | None = None  # (B, m): which demoted slots are real, every layer alike
+        self.wide: dict[int, WideHeads] = {}  # layer -> its heads that keep every token (a shrinking cache's)
+        self.wide_valid: torch.Tensor | None = None  # (B, capacity) of those heads' columns, every layer alike
+        self.wide_off = 0  # a wide head's column = the cache's column + this
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         self.padded = False  # any row has left padding (python flag: lets the dense path skip masks)
         self.length = 0
@@ -154,6 +172,9 @@ class ShrinkingCache(KVCache):
         self.holes = {}
         self.low = {}
         self.low_valid = None
+        self.wide = {}
+        self.wide_valid = None
+        self.wide_off = 0
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         self.shift = torch.zeros(batch, dtype=torch.long, device=device)  # position of a column = col - pad + shift
         self.padded = False
@@ -182,11 +203,13 @@ class ShrinkingCache(KVCache):
         return (cols[None, :] - self.pad[:, None]).clamp_min(0) + self.shift[:, None]
 
     def keep(self, layer: int, idx: torch.Tensor, real: torch.Tensor,
-             demote: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> None:
+             demote: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+             wide: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Keep only the slots ``idx`` (B, Hk, n) of ``layer``, columns into [0, length) in the order they are to be
         stored; row b's last ``real[b]`` entries are the real tokens it keeps, its first ``n - real[b]`` masked
         fillers. ``demote`` = (columns (B, Hk, m), real count per row, bits, group): slots laid out the same way
-        that stay at low precision instead of leaving. The old storage is released at once; the columns, masks
+        that stay at low precision instead of leaving. ``wide`` = (KV heads, their query heads): heads that keep
+        every column as it is, beside the cut. The old storage is released at once; the columns, masks
         and positions switch over when every layer has been cut (``commit``), so the layers still to run in this
         step see the step as it began."""
         B, Hk, n = idx.shape
@@ -201,6 +224,11 @@ class ShrinkingCache(KVCache):
             self.low[layer] = LowSlots.of(k[:, :, :self.length].gather(2, d), v[:, :, :self.length].gather(2, d),
                                           bits, group)
             self._pending_low[layer] = dreal.to(self.pad.device)
+        if wide is not None:
+            heads, qheads = wide
+            wk, wv = (t.new_empty(B, heads.numel(), self.max_len, t.shape[-1]) for t in (k, v))
+            wk[:, :, :self.length], wv[:, :, :self.length] = k[:, heads, :self.length], v[:, heads, :self.length]
+            self.wide[layer] = WideHeads(heads, qheads, wk, wv)
         for store, t in ((self.k, k), (self.v, v)):
             new = t.new_empty(B, Hk, n + room, t.shape[-1])
             new[:, :, :n] = t[:, :, :self.length].gather(2, e)
@@ -227,6 +255,9 @@ class ShrinkingCache(KVCache):
         nxt = had + self.shift  # the position the row's next token takes
         pad = n - real
         room = self.max_len - self.length
+        if self.wide:  # their columns stay where they were: the prompt's, then the new tokens'
+            self.wide_off = self.length - n
+            self.wide_valid = torch.cat([self.valid[:, :self.length], self.valid.new_ones(self.batch, room)], 1)
         self.pad, self.shift = pad, nxt - real
         self.pos_extra = int(self.shift.max())
         self.length, self.max_len, self.floor = n, n + room, n
@@ -237,7 +268,7 @@ class ShrinkingCache(KVCache):
 
     def nbytes(self) -> int:
         return (self.k.nbytes() + self.v.nbytes()  # type: ignore[attr-defined]
-                + sum(s.nbytes() for s in self.low.values()))
+                + sum(s.nbytes() for s in self.low.values()) + sum(w.nbytes() for w in self.wide.values()))
 
 
 def _same_in_every_layer(counts: dict[int, torch.Tensor], what: str) -> torch.Tensor:

@@ -361,6 +361,7 @@ class Engine:
         causal = not cache.padded and T > 1 and start == 0
         cut = cache.shrinks and planner is not None
         low_allow = self._low_allow(cache, start, end, base_mask) if cache.low else None
+        wide_allow = self._wide_allow(cache, start, end) if cache.wide else None
         for i in range(first_layer, last_layer):
             plan = planner.layer(i, x, ctx) if planner is not None else None
             x_in = x
@@ -371,7 +372,7 @@ class Engine:
             else:
                 mask, is_causal = (None, True) if causal else (base_mask, False)
             if plan is None or plan.dense:
-                x = self._dense_layer(i, x, cos, sin, cache, start, end, mask, is_causal, low_allow)
+                x = self._dense_layer(i, x, cos, sin, cache, start, end, mask, is_causal, low_allow, wide_allow)
                 if stats is not None:
                     stats.layer(i, None, None, None, None)
             else:
@@ -431,10 +432,12 @@ class Engine:
         return (causal[None] & valid[:, None, :end]) | own[None]
 
     # ---- one layer ------------------------------------------------------------------------------------------
-    def _dense_layer(self, i, x, cos, sin, cache, start, end, mask, is_causal, low_allow=None):
+    def _dense_layer(self, i, x, cos, sin, cache, start, end, mask, is_causal, low_allow=None, wide_allow=None):
         w = self.layers[i]
         if i in cache.low:
             x = self._attn_with_low(i, w, x, cos, sin, cache, start, end, low_allow)
+        elif i in cache.wide:
+            x = self._attn_with_wide(i, w, x, cos, sin, cache, start, end, mask, is_causal, wide_allow)
         else:
             x = self.steps.attn(w, x, cos, sin, cache.k[i], cache.v[i], start, end, mask, is_causal)
         return self.steps.ffn(w, x.view(-1, x.shape[-1])).view(x.shape)  # 2-D: a 3-D linear reshapes around it
@@ -446,9 +449,9 @@ class Engine:
         w = self.layers[i]
         B, T, D = x.shape
         a, f = plan.attn, plan.ffn
-        if i in cache.low:
-            raise PonderError("a depth or selection plan cannot run on a cache that holds low-precision slots; run "
-                              "the mixed-precision KV policy alone")
+        if i in cache.low or i in cache.wide:
+            raise PonderError("a depth or selection plan cannot run on a cache with low-precision slots or "
+                              "head budgets; run that KV policy alone")
         if self._compactable(plan, B, T, start):
             return self._compact_layer(i, w, x, plan.attn, cos, sin, cache, stats)
         kv_rows = attn_ctx = None
@@ -597,6 +600,33 @@ class Engine:
             return None
         full = mask if mask is not None else self._mask(cache.valid, start, end)
         return torch.cat([lv[:, None, :].expand(full.shape[0], end - start, -1), full], 2)
+
+    def _wide_allow(self, cache: KVCache, start: int, end: int) -> torch.Tensor | None:
+        """What the queries at [start, end) may read of the wide heads' columns (B, T, end + off), once per step;
+        None when that is everything (one new token and no padding)."""
+        wv, off = cache.wide_valid, cache.wide_off
+        assert wv is not None
+        if end - start == 1 and bool(wv[:, :end + off].all()):
+            return None
+        return self._mask(wv, start + off, end + off)
+
+    def _attn_with_wide(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, cache: KVCache, start: int,
+                        end: int, mask: torch.Tensor | None, is_causal: bool, allow: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """The attention half of a layer whose wide heads keep every token: every head over the cut columns, then
+        the wide heads' query groups again over their own columns (replacing those heads' outputs; the wasted part
+        is a window's worth of their attention)."""
+        B, T, D = x.shape
+        H, Hk, hd = self._H, self._Hk, self._hd
+        q, k, v = rotated_qkv(w, x, cos, sin, H, Hk, hd, self.cfg.rms_norm_eps)
+        kt, vt = k.transpose(1, 2), v.view(B, T, Hk, hd).transpose(1, 2)
+        ck, cv, wd, off = cache.k[i], cache.v[i], cache.wide[i], cache.wide_off
+        ck[:, :, start:end], cv[:, :, start:end] = kt, vt
+        wd.k[:, :, start + off:end + off], wd.v[:, :, start + off:end + off] = kt[:, wd.heads], vt[:, wd.heads]
+        qt = q.transpose(1, 2)
+        o = attend(qt, ck[:, :, :end], cv[:, :, :end], mask, is_causal)
+        o[:, wd.qheads] = attend(qt[:, wd.qheads], wd.k[:, :, :end + off], wd.v[:, :, :end + off], allow, False)
+        return x + self.lin(o.transpose(1, 2).reshape(B, T, H * hd), w.wo)
 
     def _attn_with_low(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, cache: KVCache, start: int,
                        end: int, allow: torch.Tensor | None) -> torch.Tensor:
