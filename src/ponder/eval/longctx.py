@@ -57,7 +57,7 @@ class LongProfile:
     windows: int = 6  # per text and length
     kept: tuple[float, ...] = (0.5, 0.25)
     policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o", "knorm", "kv-random", "lazyllm",
-                                 "tokenselect")
+                                 "tokenselect", "mikv", "razor")
     prefill_lengths: tuple[int, ...] = (4096,)
     prefill_policies: tuple[str, ...] = ("lazyllm",)
     prefill_repeats: int = 3
@@ -65,13 +65,14 @@ class LongProfile:
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     variants: tuple[str, ...] = ("single", "multikey", "twohop", "single+q", "multikey+q")
     timing_lengths: tuple[int, ...] = (4096, 8192)
-    timing_policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o")
+    timing_policies: tuple[str, ...] = ("streaming", "snapkv", "tova", "h2o", "mikv", "razor")
     timing_kept: float = 0.5
     decode_tokens: int = 32
     repeats: int = 5
     memory: bool = True
     memory_repeats: int = 2
-    memory_policies: tuple[str, ...] = ("streaming", "snapkv")  # the cut is the same size for every cutter
+    # the evicting cutters hold the same bytes (snapkv stands for them); mikv and razor hold their own
+    memory_policies: tuple[str, ...] = ("streaming", "snapkv", "mikv", "razor")
     kvpress_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "knorm", "random",
                                         "expected_attention", "observed_attention")
     kvpress_probe_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "tova", "expected_attention")
@@ -315,11 +316,12 @@ def run_quality(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
             wins = quality_windows(ids, L, prof.windows)
             nll: dict[str, list[float]] = {k: [] for k in ["dense", *pols]}
             kv_tokens: dict[str, int] = {}
+            kv_bytes: dict[str, int] = {}
             t0 = time.perf_counter()
             for j, w in enumerate(wins):
                 say(f"quality {group}: window {j + 1}/{len(wins)}")
                 for k, (last, c, pl) in caches_for(engine, w["context"], pols, CONT).items():
-                    kv_tokens[k] = c.length
+                    kv_tokens[k], kv_bytes[k] = c.length, c.nbytes()
                     nll[k].append(continuation_nll(engine, last, c, w["cont"], pl))
             nbytes = sum(len(engine.tokenizer.decode(w["cont"]).encode()) for w in wins)
             dense_bpb = sum(nll["dense"]) / math.log(2) / nbytes
@@ -331,7 +333,9 @@ def run_quality(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
                 res.add({"section": "quality", "group": group, "text": tname, "length": L, "policy": name,
                          "kept": kept, "bits_per_byte": bpb, "delta_pct": 100 * (bpb / dense_bpb - 1),
                          "nll": v, "windows": len(wins), "cont_tokens": CONT, "cont_bytes": nbytes,
-                         "kv_tokens_after_context": kv_tokens[k], "seconds_all_policies": time.perf_counter() - t0})
+                         "kv_tokens_after_context": kv_tokens[k], "kv_bytes_after_context": kv_bytes[k],
+                         "kv_share_of_dense": kv_bytes[k] / kv_bytes["dense"],
+                         "seconds_all_policies": time.perf_counter() - t0})
 
 
 def run_retrieval(engine: Engine, prof: LongProfile, prose: str, res: Results, say) -> None:
@@ -387,11 +391,14 @@ def run_timing(engine: Engine, prof: LongProfile, prose: str, res: Results, say)
     ids = engine.tokenizer.encode(prose)
     for L in prof.timing_lengths:
         group = f"decode-{L}"
-        if res.have(section="timing", group=group, policy="dense", kept=1.0):
+        pols = _missing(res, "timing", group,
+                        {f"{n}@{prof.timing_kept:g}": kv.get(n, prof.timing_kept) for n in prof.timing_policies})
+        dense_done = res.have(section="timing", group=group, policy="dense", kept=1.0)
+        if not pols and dense_done:
             continue
         prompt = ids[:L - prof.decode_tokens]
-        configs: dict[str, kv.KVPolicy | None] = {"dense": None}
-        configs.update({f"{n}@{prof.timing_kept:g}": kv.get(n, prof.timing_kept) for n in prof.timing_policies})
+        # a rerun times the missing policies against a dense run of its own (each ratio is paired in one run)
+        configs: dict[str, kv.KVPolicy | None] = {"dense": None, **pols}
         caches, prefill_s, floor = {}, {}, {}
         for k, pol in configs.items():
             say(f"timing {group}: prefill {k}")
@@ -408,10 +415,12 @@ def run_timing(engine: Engine, prof: LongProfile, prose: str, res: Results, say)
             name, kept = _split(k)
             c = caches[k]
             c.truncate(floor[k])
+            if k == "dense" and dense_done:
+                continue
             res.add({"section": "timing", "group": group, "length": L, "policy": name, "kept": kept,
                      "prompt_tokens": len(prompt), "prefill_s": prefill_s[k], "decode_s_per_token": t[k],
-                     "decode_speedup": paired_ratio(t["dense"], t[k]), "kv_tokens": c.length,
-                     "kv_bytes": c.nbytes()})
+                     "decode_speedup": paired_ratio(t["dense"], t[k]), "dense_decode_s_per_token": t["dense"],
+                     "kv_tokens": c.length, "kv_bytes": c.nbytes()})
         del caches
 
 
@@ -628,6 +637,13 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         L += ["## Quality: bits per byte of 64 continuation tokens after the cut context (change vs dense)", ""]
         L += _policy_table(q, groups, groups, lambda r: f"{r['bits_per_byte']:.4f}" if r["policy"] in (
             "dense", "none") else _pct(r.get("delta_pct")))
+        shares = {(r["policy"], r["kept"]): r["kv_share_of_dense"] for r in q if "kv_share_of_dense" in r
+                  and r["policy"] != "dense" and r["group"] == groups[0]}
+        if shares:
+            L += [f"KV bytes held after the context, share of dense ({groups[0]}): " + ", ".join(
+                f"{p}@{k:g} {100 * v:.0f}%" for (p, k), v in sorted(shares.items())) + ". For mikv, kept is the "
+                "share of KV bytes (the rest of the tokens at 4 bits); for razor, the share of K/V slots (a few "
+                "heads whole, the others a window); for the others, the share of tokens.", ""]
     rt = [r for r in rows if r["section"] == "retrieval"]
     if rt:
         groups = sorted({r["group"] for r in rt}, key=lambda g: (int(g.split("-")[1]), g))
