@@ -7,15 +7,23 @@ needs transformers < 5.3), so it imports nothing from ponder; ``ponder.eval.long
     .venv-kvpress/bin/python kvpress_peer.py JOB.json OUT.jsonl
 
 JOB holds the GGUF path, the thread count, the presses, the kept fractions, the quality windows (context ids,
-continuation ids) and the retrieval probes (context ids, question ids, answer). One JSON line per (press, fraction,
-section, group) is appended to OUT as it finishes, and a rerun skips the lines already there. The protocol is the
-one ponder runs: the context is prefilled with the press active (kvpress compresses only at prefill), then the
-continuation is scored, or the question is fed and the answer decoded greedily, on the compressed cache.
+continuation ids), the retrieval probes (context ids, question ids, answer) and the timing prompts: each prefilled
+under every press (and none), then decode steps timed round-robin across them in this one process (its own dense
+is the pairing for its ratios, as ponder's is for its own). A fresh process per configuration measures peak memory:
+
+    .venv-kvpress/bin/python kvpress_peer.py --memory GGUF IDS.json PRESS KEPT DECODE THREADS
+
+One JSON line per (press, fraction, section, group) is appended to OUT as it finishes, and a rerun skips the lines
+already there. The protocol is the one ponder runs: the context is prefilled with the press active (kvpress
+compresses only at prefill), then the continuation is scored, or the question is fed and the answer decoded
+greedily, on the compressed cache.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,7 +94,92 @@ def answer(model, press, ctx: list[int], question: list[int], max_new: int) -> l
     return out
 
 
+def prefill(model, press, ids: list[int]) -> tuple[DynamicCache, float]:
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if press is None:
+            model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
+        else:
+            with press(model):
+                model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
+    return cache, time.perf_counter() - t0
+
+
+def decode(model, cache: DynamicCache, tok: int, first: int, n: int) -> float:
+    """``n`` greedy-shaped decode steps (the same token fed, positions continuing the uncompressed prompt), seconds
+    per step."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for j in range(n):
+            model(input_ids=torch.tensor([[tok]]), past_key_values=cache, position_ids=torch.tensor([[first + j]]))
+    return (time.perf_counter() - t0) / n
+
+
+def kv_held(cache: DynamicCache) -> tuple[int, int]:
+    """Bytes of K/V the cache holds, and its token count."""
+    n = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return n, cache.get_seq_length()
+
+
+def summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "samples": xs}
+
+
+def run_timing(model, job: dict, out: Path, done: set) -> None:
+    t = job.get("timing")
+    if not t:
+        return
+    for group, prompt in t["prompts"].items():
+        todo = [p for p in t["presses"] if (p, 1.0 if p == "none" else t["kept"], "timing", group) not in done]
+        if not todo:
+            continue
+        names = ["none", *[p for p in todo if p != "none"]]  # its own dense, for the paired ratios
+        caches, floor, pre = {}, {}, {}
+        for name in names:
+            caches[name], pre[name] = prefill(model, None if name == "none" else press_for(name, t["kept"]), prompt)
+            floor[name] = caches[name].get_seq_length()
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for rep in range(t["repeats"] + 1):  # the first round warms up
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                caches[name].crop(floor[name])
+                s = decode(model, caches[name], prompt[-1], len(prompt), t["decode_tokens"])
+                if rep:
+                    samples[name].append(s)
+        for name in names:
+            if (name, 1.0 if name == "none" else t["kept"], "timing", group) in done:
+                continue
+            caches[name].crop(floor[name])
+            nb, nt = kv_held(caches[name])
+            ratios = [a / b for a, b in zip(samples["none"], samples[name])]
+            row = {"press": name, "kept": 1.0 if name == "none" else t["kept"], "section": "timing", "group": group,
+                   "prompt_tokens": len(prompt), "prefill_s": pre[name], "decode_s_per_token": summary(samples[name]),
+                   "decode_speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+                   "kv_bytes": nb, "kv_tokens": nt}
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        del caches
+
+
+def memory(argv: list[str]) -> int:
+    """One configuration in this fresh process: load, prefill, decode; peak RSS and the KV bytes held."""
+    gguf, ids_path, name, kept, n, threads = argv
+    torch.set_num_threads(int(threads))
+    transformers.utils.logging.set_verbosity_error()
+    model = load(gguf, False)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ids = json.loads(Path(ids_path).read_text())
+    cache, _ = prefill(model, None if name == "none" else press_for(name, float(kept)), ids)
+    decode(model, cache, ids[-1], len(ids), int(n))
+    nb, nt = kv_held(cache)
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_after_load": loaded,
+                      "kv_bytes": nb, "kv_tokens": nt}))
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--memory":
+        return memory(argv[1:])
     job = json.loads(Path(argv[0]).read_text())
     out = Path(argv[1])
     done = set()
@@ -125,6 +218,9 @@ def main(argv: list[str]) -> int:
                 row = {"press": name, "kept": kept, "section": "retrieval", "group": group, "answers": got}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+    if job.get("timing"):
+        models = {}
+        run_timing(load(job["gguf"], False), job, out, done)
     meta = {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out.parent / (out.stem + ".meta.json")).write_text(json.dumps(meta) + "\n")

@@ -79,6 +79,8 @@ class LongProfile:
     kvpress_variants: tuple[str, ...] = ("single", "multikey", "single+q", "multikey+q")
     kvpress_lengths: tuple[int, ...] = (1536,)
     kvpress_probe_lengths: tuple[int, ...] = (2048,)
+    kvpress_timing_presses: tuple[str, ...] = ("none", "streaming", "snapkv", "expected_attention")
+    kvpress_memory_presses: tuple[str, ...] = ("none", "snapkv")
 
 
 PROFILES = {
@@ -518,6 +520,10 @@ def run_kvpress(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
         for variant in prof.kvpress_variants:
             job["retrieval"][f"{variant}-{L}"] = {"probes": probe_set(engine, texts["prose"], L, prof.depths,
                                                                        variant)}
+    ids = engine.tokenizer.encode(texts["prose"])
+    job["timing"] = {"prompts": {f"decode-{L}": ids[:L - prof.decode_tokens] for L in prof.timing_lengths},
+                     "presses": list(prof.kvpress_timing_presses), "kept": prof.timing_kept,
+                     "decode_tokens": prof.decode_tokens, "repeats": prof.repeats}
     jp, op = out / "kvpress-job.json", out / "kvpress-raw.jsonl"
     jp.write_text(json.dumps(job))
     say("kvpress: running its presses in its own environment (see kvpress-raw.jsonl)")
@@ -542,12 +548,45 @@ def run_kvpress(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
             d = sum(dense[g]["nll"]) / math.log(2) / nbytes if g in dense else None
             row.update({"bits_per_byte": bpb, "delta_pct": 100 * (bpb / d - 1) if d else None, "nll": r["nll"],
                         "seconds": r["seconds"], "text": g.split("-")[0], "length": int(g.split("-")[1])})
+        elif r["section"] == "timing":
+            row.update({k: r[k] for k in ("prompt_tokens", "prefill_s", "decode_s_per_token", "decode_speedup",
+                                          "kv_bytes", "kv_tokens")})
+            row["length"] = int(g.split("-")[1])
         else:
             ps = job["retrieval"][g]["probes"]
             ok = [answered(engine, a, p["answer"]) for a, p in zip(r["answers"], ps)]
             row.update({"accuracy": sum(ok) / len(ok), "correct": ok, "variant": g.split("-")[0],
                         "length": int(g.split("-")[1])})
         res.add(row)
+    return _kvpress_memory(py, path, prof, ids, res, out, threads, say)
+
+
+def _kvpress_memory(py: Path, gguf: Path, prof: LongProfile, ids: list[int], res: Results, out: Path, threads: int,
+                    say) -> str | None:
+    """Peak RSS of a fresh kvpress process per configuration, under the allocator setting ponder's probes run with
+    (the same comparison: only the cache differs)."""
+    env = {**os.environ, **MEMORY_ENV}
+    for L in prof.timing_lengths if prof.memory else ():
+        prompt = out / f"kvpress-prompt-{L}.json"
+        prompt.write_text(json.dumps(ids[:L - prof.decode_tokens]))
+        for name in prof.kvpress_memory_presses:
+            kept = 1.0 if name == "none" else prof.timing_kept
+            group = f"memory-{L}"
+            if res.have(section="memory", peer="kvpress", group=group, policy=name, kept=kept):
+                continue
+            runs = []
+            for j in range(prof.memory_repeats):
+                say(f"kvpress memory {L}: {name} in a fresh process ({j + 1}/{prof.memory_repeats})")
+                r = subprocess.run([str(py), str(Path(__file__).with_name("kvpress_peer.py")), "--memory", str(gguf),
+                                    str(prompt), name, str(kept), str(prof.decode_tokens), str(threads)],
+                                   capture_output=True, text=True, env=env)
+                if r.returncode != 0:
+                    return f"kvpress's memory probe failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
+                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            peaks = [m["peak_rss"] for m in runs]
+            res.add({"section": "memory", "peer": "kvpress", "group": group, "length": L, "policy": name,
+                     "kept": kept, **runs[0], "peak_rss": statistics.median(peaks), "peak_rss_min": min(peaks),
+                     "peak_rss_max": max(peaks), "runs": runs, "env": MEMORY_ENV})
     return None
 
 
@@ -626,6 +665,15 @@ def _policy_table(rows: list[dict[str, Any]], groups: list[str], heads: list[str
     return out + [""]
 
 
+def _label(r: dict[str, Any]) -> str:
+    return r["policy"] if r.get("peer", "ponder") == "ponder" else f"{r['peer']} {r['policy']}"
+
+
+def _peer_order(r: dict[str, Any]) -> tuple:
+    """A length's rows: ponder's dense, ponder's policies, then the peer's own dense and presses."""
+    return (r["length"], r.get("peer", "ponder") != "ponder", r["policy"] not in ("dense", "none"), r["policy"])
+
+
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     env = meta.get("env", {})
     L = [f"# Long context: KV selection on {meta['model']} ({meta['weights']}), profile {meta['profile']}", "",
@@ -664,26 +712,31 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         L += ["## Time: decode at long context, batch 1 (interleaved with dense, one process)", "",
               "| length | policy | kept | prefill s | decode ms/token (min-max) | decode speedup (min-max) | "
               "KV held |", "|---:|---|---:|---:|---:|---:|---:|"]
-        for r in sorted(tm, key=lambda r: (r["length"], r["policy"] != "dense", r["policy"])):
+        for r in sorted(tm, key=_peer_order):
             d = r["decode_s_per_token"]
-            L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {r['prefill_s']:.2f} | "
+            L.append(f"| {r['length']} | {_label(r)} | {r['kept']:g} | {r['prefill_s']:.2f} | "
                      f"{1e3 * d['median']:.2f} ({1e3 * d['min']:.2f}-{1e3 * d['max']:.2f}) | "
                      f"{_speedup(r, 'decode_speedup')} | "
                      f"{r['kv_bytes'] / 2**20:.1f} MiB ({r['kv_tokens']} tok) |")
         L.append("")
+        if any(r.get("peer") for r in tm):
+            L += ["kvpress rows: transformers loading the same GGUF in kvpress's own process, run after ponder's "
+                  "(never at the same time), timed round-robin there; their speedups are against their own dense "
+                  "(`none`), ponder's against ponder's.", ""]
     mem = [r for r in rows if r["section"] == "memory"]
     if mem:
         L += ["## Memory: peak resident set of a fresh process (load, prefill, decode; median of runs, min-max)", "",
               "| length | policy | kept | peak RSS | below dense | KV held | KV freed vs dense |",
               "|---:|---|---:|---:|---:|---:|---:|"]
-        for r in sorted(mem, key=lambda r: (r["length"], r["policy"] != "dense", r["policy"])):
-            d = next((x for x in mem if x["length"] == r["length"] and x["policy"] == "dense"), None)
+        for r in sorted(mem, key=_peer_order):
+            d = next((x for x in mem if x["length"] == r["length"] and x["policy"] in ("dense", "none")
+                      and x.get("peer") == r.get("peer")), None)
             below = freed = "-"
             if d and r is not d:
                 below = f"{(d['peak_rss'] - r['peak_rss']) / 2**20:.0f} MiB"
                 freed = f"{(d['kv_bytes'] - r['kv_bytes']) / 2**20:.0f} MiB"
             rng = f" ({r['peak_rss_min'] / 2**20:.0f}-{r['peak_rss_max'] / 2**20:.0f})" if "peak_rss_min" in r else ""
-            L.append(f"| {r['length']} | {r['policy']} | {r['kept']:g} | {r['peak_rss'] / 2**20:.0f} MiB{rng} | "
+            L.append(f"| {r['length']} | {_label(r)} | {r['kept']:g} | {r['peak_rss'] / 2**20:.0f} MiB{rng} | "
                      f"{below} | {r['kv_bytes'] / 2**20:.0f} MiB | {freed} |")
         L.append("")
     return "\n".join(L) + "\n"
