@@ -156,7 +156,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           "stats": summary, "layers_per_token": depth}))
     else:
         sys.stdout.write("\n")
-        held = f"; KV held {res.extra['kv_tokens']} tokens" if "kv_tokens" in res.extra else ""
+        x = res.extra
+        held = (f"; KV held {x['kv_tokens']} slots per head at full precision, {x['kv_bytes'] / 2**20:.1f} MiB"
+                if "kv_tokens" in x else "")
         print(f"[{len(toks)} tokens, {res.finish[0]}; policy {pol.name} budget {pol.budget:g}; "
               f"flops {summary['flops_fraction']:.3f} of dense{held}]", file=sys.stderr)
     return 0

@@ -159,6 +159,11 @@ class ShrinkingCache(KVCache):
     Every layer keeps the same number of slots ``n`` (the tensors stay rectangular), and each (row, KV head) its
     own set. A row of a batch that keeps fewer real tokens than ``n`` fills its first slots with masked fillers:
     the left-padding layout every other part of the engine already handles.
+
+    Two variants of a cut keep more than the slots: ``low`` (per layer, the tokens a policy demotes, packed at a
+    few bits per value, read by the attention before the slots; ``engine/lowbits.py``) and ``wide`` (per layer, KV
+    heads that keep every column beside the cut, read by their own query heads). Both are laid out like the slots
+    (fillers first, masked), so batches stay equal to their rows.
     """
 
     shrinks = True

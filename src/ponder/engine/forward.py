@@ -159,10 +159,11 @@ class Planner(Protocol):
         states (an exited token's check), which the engine then does not recompute; None when there are none."""
         ...
 
-    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple | None:
         """Only on a shrinking cache, after layer ``i`` wrote its K/V (``x_in``: the layer's input states): the
         slots the layer keeps, as ``ShrinkingCache.keep`` takes them ((B, Hk, n) columns and the real count per
-        row), or None to keep everything."""
+        row, optionally the slots it demotes to low precision and the heads it keeps whole), or None to keep
+        everything."""
         ...
 
 
@@ -178,7 +179,7 @@ class PlannerBase:
     def known_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
-    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def evict(self, i: int, x_in: torch.Tensor, ctx: StepContext) -> tuple | None:
         return None
 
 

@@ -43,7 +43,7 @@ from ..engine.cache import ShrinkingCache
 from ..engine.forward import Engine, PlannerBase, StepContext
 from ..errors import PonderError
 from ..policies import kv
-from .envinfo import environment, git_commit, rss_peak_bytes
+from .envinfo import environment, git_commit, reset_rss_peak, rss_peak_bytes
 from .points import repo_data
 from .timing import interleaved, paired_ratio
 
@@ -456,14 +456,15 @@ def memory_probe(model: str, weights: str | None, length: int, spec: str | None,
     rss_loaded = rss_peak_bytes()
     ids = e.tokenizer.encode(repo_data("prose.txt").read_text())[:length - decode]
     pol = kv.get(spec.split("@")[0], float(spec.split("@")[1])) if spec else None
+    reset = reset_rss_peak()  # the peak from here on: prefill and decode, not the load
     c = e.new_cache(1, len(ids) + decode + 1, shrinking=pol is not None and pol.shrinks)
     with torch.inference_mode():
         e.forward(torch.tensor([ids]), c, pol.planner(e) if pol else None, logits="last")
         x = torch.tensor([[ids[-1]]])
         for _ in range(decode):
             e.forward(x, c, None, logits="last", phase="decode")
-    return {"peak_rss": rss_peak_bytes(), "rss_after_load": rss_loaded, "kv_bytes": c.nbytes(),
-            "kv_tokens": c.length}
+    return {"peak_rss": rss_peak_bytes(), "rss_after_load": rss_loaded, "peak_since": "load" if reset else "start",
+            "kv_bytes": c.nbytes(), "kv_tokens": c.length}
 
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # the allocator setting a shrinking cache makes, for all
@@ -689,9 +690,10 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                   and r["policy"] != "dense" and r["group"] == groups[0]}
         if shares:
             L += [f"KV bytes held after the context, share of dense ({groups[0]}): " + ", ".join(
-                f"{p}@{k:g} {100 * v:.0f}%" for (p, k), v in sorted(shares.items())) + ". For mikv, kept is the "
-                "share of KV bytes (the rest of the tokens at 4 bits); for razor, the share of K/V slots (a few "
-                "heads whole, the others a window); for the others, the share of tokens.", ""]
+                f"{p}@{k:g} {100 * v:.0f}%" for (p, k), v in sorted(shares.items())) + " (the room for the "
+                "continuation included). For mikv and razor, kept is the share of the prompt's KV bytes (mikv: the "
+                "other tokens at 4 bits; razor: a few heads whole, the others a window); for the others, the share "
+                "of its tokens.", ""]
     rt = [r for r in rows if r["section"] == "retrieval"]
     if rt:
         groups = sorted({r["group"] for r in rt}, key=lambda g: (int(g.split("-")[1]), g))
@@ -725,7 +727,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                   "(`none`), ponder's against ponder's.", ""]
     mem = [r for r in rows if r["section"] == "memory"]
     if mem:
-        L += ["## Memory: peak resident set of a fresh process (load, prefill, decode; median of runs, min-max)", "",
+        L += ["## Memory: peak resident set of a fresh process during prefill and decode (the peak counter reset "
+              "once the model is loaded; median of runs, min-max)", "",
               "| length | policy | kept | peak RSS | below dense | KV held | KV freed vs dense |",
               "|---:|---|---:|---:|---:|---:|---:|"]
         for r in sorted(mem, key=_peer_order):
