@@ -579,18 +579,27 @@ class Engine:
         if T != 1:
             raise ValueError("selective attention serves one-token steps; feed longer inputs one token at a time")
         H, Hk, hd = self._H, self._Hk, self._hd
-        q, k, v = rotated_qkv(w, x, cos, sin, H, Hk, hd, self.cfg.rms_norm_eps)
-        k, v = k.transpose(1, 2), v.view(B, 1, Hk, hd).transpose(1, 2)  # (B, Hk, 1, hd)
-        cache.k[i][:, :, start:end], cache.v[i][:, :, start:end] = k, v
+        q, k, v = self._step_qkv(i, w, x, cos, sin, cache, start, end)  # k, v (B, Hk, 1, hd)
         e = keys[..., None].expand(*keys.shape, hd)
         kk = torch.cat([cache.k[i].gather(2, e), k], 2)  # (B, Hk, n + 1, hd)
         vv = torch.cat([cache.v[i].gather(2, e), v], 2)
         G = H // Hk
-        s = torch.matmul(q.view(B, Hk, G, hd), kk.transpose(-1, -2)) * hd ** -0.5  # (B, Hk, G, n + 1)
+        s = torch.matmul(q.reshape(B, Hk, G, hd), kk.transpose(-1, -2)) * hd ** -0.5  # (B, Hk, G, n + 1)
         allow = torch.cat([ok, ok.new_ones(B, Hk, 1)], 2)
         p = s.masked_fill(~allow[:, :, None, :], float("-inf")).softmax(-1)
         o = torch.matmul(p, vv).reshape(B, 1, H * hd)
         return x + self.lin(o, w.wo)
+
+    def _step_qkv(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, cache: KVCache, start: int, end: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's rotated queries (B, H, T, hd) and its K, V (B, Hk, T, hd), the latter written to layer
+        ``i``'s cache columns [start, end): where every attention route outside ``steps`` begins."""
+        B, T, _ = x.shape
+        Hk, hd = self._Hk, self._hd
+        q, k, v = rotated_qkv(w, x, cos, sin, self._H, Hk, hd, self.cfg.rms_norm_eps)
+        k, v = k.transpose(1, 2), v.view(B, T, Hk, hd).transpose(1, 2)
+        cache.k[i][:, :, start:end], cache.v[i][:, :, start:end] = k, v
+        return q.transpose(1, 2), k, v
 
     def _low_allow(self, cache: KVCache, start: int, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
         """What the queries at [start, end) may read of the demoted slots then the columns (B, T, m + end), once
@@ -618,16 +627,12 @@ class Engine:
         the wide heads' query groups again over their own columns (replacing those heads' outputs; the wasted part
         is a window's worth of their attention)."""
         B, T, D = x.shape
-        H, Hk, hd = self._H, self._Hk, self._hd
-        q, k, v = rotated_qkv(w, x, cos, sin, H, Hk, hd, self.cfg.rms_norm_eps)
-        kt, vt = k.transpose(1, 2), v.view(B, T, Hk, hd).transpose(1, 2)
-        ck, cv, wd, off = cache.k[i], cache.v[i], cache.wide[i], cache.wide_off
-        ck[:, :, start:end], cv[:, :, start:end] = kt, vt
+        qt, kt, vt = self._step_qkv(i, w, x, cos, sin, cache, start, end)
+        wd, off = cache.wide[i], cache.wide_off
         wd.k[:, :, start + off:end + off], wd.v[:, :, start + off:end + off] = kt[:, wd.heads], vt[:, wd.heads]
-        qt = q.transpose(1, 2)
-        o = attend(qt, ck[:, :, :end], cv[:, :, :end], mask, is_causal)
+        o = attend(qt, cache.k[i][:, :, :end], cache.v[i][:, :, :end], mask, is_causal)
         o[:, wd.qheads] = attend(qt[:, wd.qheads], wd.k[:, :, :end + off], wd.v[:, :, :end + off], allow, False)
-        return x + self.lin(o.transpose(1, 2).reshape(B, T, H * hd), w.wo)
+        return x + self.lin(o.transpose(1, 2).reshape(B, T, self._H * self._hd), w.wo)
 
     def _attn_with_low(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, cache: KVCache, start: int,
                        end: int, allow: torch.Tensor | None) -> torch.Tensor:
@@ -635,12 +640,9 @@ class Engine:
         the reference halves) and its full-precision columns [0, end). The demoted tokens all precede every
         column, so each query may read every real one of them."""
         B, T, D = x.shape
-        H, Hk, hd = self._H, self._Hk, self._hd
-        q, k, v = rotated_qkv(w, x, cos, sin, H, Hk, hd, self.cfg.rms_norm_eps)
-        ck, cv = cache.k[i], cache.v[i]
-        ck[:, :, start:end], cv[:, :, start:end] = k.transpose(1, 2), v.view(B, T, Hk, hd).transpose(1, 2)
-        o = self.steps.attend_low(q.transpose(1, 2), ck[:, :, :end], cv[:, :, :end], cache.low[i], allow)
-        return x + self.lin(o.transpose(1, 2).reshape(B, T, H * hd), w.wo)
+        qt, _, _ = self._step_qkv(i, w, x, cos, sin, cache, start, end)
+        o = self.steps.attend_low(qt, cache.k[i][:, :, :end], cache.v[i][:, :, :end], cache.low[i], allow)
+        return x + self.lin(o.transpose(1, 2).reshape(B, T, self._H * self._hd), w.wo)
 
     def _ffn_rows(self, w: LayerWeights, x: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
         """The FFN for the rows ``f`` (every row when None), gathered, run and added back."""

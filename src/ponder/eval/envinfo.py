@@ -163,17 +163,6 @@ def rss_peak_reset() -> bool:
         return False
 
 
-def reset_rss_peak() -> bool:
-    """Reset this process's peak resident set (Linux: ``clear_refs`` 5), so a later ``rss_peak_bytes`` is the peak
-    since now. Why: loading a model can peak above everything after it (transformers dequantising a GGUF does:
-    2,017 MiB whatever the cache), which hides what the cache itself costs."""
-    try:
-        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def rss_peak_bytes() -> int | None:
     try:
         for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():

@@ -43,7 +43,7 @@ from ..engine.cache import ShrinkingCache
 from ..engine.forward import Engine, PlannerBase, StepContext
 from ..errors import PonderError
 from ..policies import kv
-from .envinfo import environment, git_commit, reset_rss_peak, rss_peak_bytes
+from .envinfo import environment, git_commit, rss_peak_bytes, rss_peak_reset
 from .points import repo_data
 from .timing import interleaved, paired_ratio
 
@@ -456,7 +456,7 @@ def memory_probe(model: str, weights: str | None, length: int, spec: str | None,
     rss_loaded = rss_peak_bytes()
     ids = e.tokenizer.encode(repo_data("prose.txt").read_text())[:length - decode]
     pol = kv.get(spec.split("@")[0], float(spec.split("@")[1])) if spec else None
-    reset = reset_rss_peak()  # the peak from here on: prefill and decode, not the load
+    reset = rss_peak_reset()  # the peak from here on: prefill and decode, not the load (which can peak higher)
     c = e.new_cache(1, len(ids) + decode + 1, shrinking=pol is not None and pol.shrinks)
     with torch.inference_mode():
         e.forward(torch.tensor([ids]), c, pol.planner(e) if pol else None, logits="last")
@@ -473,26 +473,36 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # the allocator setting a
 def run_memory(prof: LongProfile, model: str, weights: str | None, threads: int, res: Results, say) -> None:
     """Each configuration in ``prof.memory_repeats`` fresh processes, dense ones too under the allocator setting a
     shrinking cache makes (``release_freed_buffers``), so the difference is the cache's alone."""
-    env = {**os.environ, **MEMORY_ENV}
     for L in prof.timing_lengths:
         for spec in [None, *(f"{n}@{prof.timing_kept:g}" for n in prof.memory_policies)]:
             name, kept = _split(spec) if spec else ("dense", 1.0)
             group = f"memory-{L}"
             if res.have(section="memory", group=group, policy=name, kept=kept):
                 continue
-            runs = []
-            for j in range(prof.memory_repeats):
-                say(f"memory {L}: {spec or 'dense'} in a fresh process ({j + 1}/{prof.memory_repeats})")
-                cmd = [sys.executable, "-m", "ponder.eval.longctx", "memory", model, weights or "", str(L),
-                       spec or "", str(prof.decode_tokens), str(threads)]
-                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if r.returncode != 0:
-                    raise PonderError(f"the memory probe failed: {r.stderr.strip().splitlines()[-1:]}")
-                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-            peaks = [m["peak_rss"] for m in runs]
-            res.add({"section": "memory", "group": group, "length": L, "policy": name, "kept": kept,
-                     **runs[0], "peak_rss": statistics.median(peaks), "peak_rss_min": min(peaks),
-                     "peak_rss_max": max(peaks), "runs": runs, "env": MEMORY_ENV})
+            cmd = [sys.executable, "-m", "ponder.eval.longctx", "memory", model, weights or "", str(L), spec or "",
+                   str(prof.decode_tokens), str(threads)]
+            runs = _fresh_runs(cmd, prof.memory_repeats, f"memory {L}: {spec or 'dense'}", say)
+            res.add(_memory_row(runs, group=group, length=L, policy=name, kept=kept))
+
+
+def _fresh_runs(cmd: list[str], n: int, label: str, say) -> list[dict[str, Any]]:
+    """A memory probe ``cmd`` in ``n`` fresh processes under ``MEMORY_ENV``; each prints its JSON line last."""
+    env = {**os.environ, **MEMORY_ENV}
+    runs = []
+    for j in range(n):
+        say(f"{label} in a fresh process ({j + 1}/{n})")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise PonderError(f"the memory probe ({label}) failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def _memory_row(runs: list[dict[str, Any]], **key: Any) -> dict[str, Any]:
+    """One configuration's memory row: its first run's fields, the peak as median and range over the runs."""
+    peaks = [m["peak_rss"] for m in runs]
+    return {"section": "memory", **key, **runs[0], "peak_rss": statistics.median(peaks), "peak_rss_min": min(peaks),
+            "peak_rss_max": max(peaks), "runs": runs, "env": MEMORY_ENV}
 
 
 def kvpress_python(root: Path) -> Path | None:
@@ -565,8 +575,7 @@ def run_kvpress(engine: Engine, prof: LongProfile, texts: dict[str, str], res: R
 def _kvpress_memory(py: Path, gguf: Path, prof: LongProfile, ids: list[int], res: Results, out: Path, threads: int,
                     say) -> str | None:
     """Peak RSS of a fresh kvpress process per configuration, under the allocator setting ponder's probes run with
-    (the same comparison: only the cache differs)."""
-    env = {**os.environ, **MEMORY_ENV}
+    (the same comparison: only the cache differs); returns why it failed, or None."""
     for L in prof.timing_lengths if prof.memory else ():
         prompt = out / f"kvpress-prompt-{L}.json"
         prompt.write_text(json.dumps(ids[:L - prof.decode_tokens]))
@@ -575,19 +584,13 @@ def _kvpress_memory(py: Path, gguf: Path, prof: LongProfile, ids: list[int], res
             group = f"memory-{L}"
             if res.have(section="memory", peer="kvpress", group=group, policy=name, kept=kept):
                 continue
-            runs = []
-            for j in range(prof.memory_repeats):
-                say(f"kvpress memory {L}: {name} in a fresh process ({j + 1}/{prof.memory_repeats})")
-                r = subprocess.run([str(py), str(Path(__file__).with_name("kvpress_peer.py")), "--memory", str(gguf),
-                                    str(prompt), name, str(kept), str(prof.decode_tokens), str(threads)],
-                                   capture_output=True, text=True, env=env)
-                if r.returncode != 0:
-                    return f"kvpress's memory probe failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
-                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-            peaks = [m["peak_rss"] for m in runs]
-            res.add({"section": "memory", "peer": "kvpress", "group": group, "length": L, "policy": name,
-                     "kept": kept, **runs[0], "peak_rss": statistics.median(peaks), "peak_rss_min": min(peaks),
-                     "peak_rss_max": max(peaks), "runs": runs, "env": MEMORY_ENV})
+            cmd = [str(py), str(Path(__file__).with_name("kvpress_peer.py")), "--memory", str(gguf), str(prompt), name,
+                   str(kept), str(prof.decode_tokens), str(threads)]
+            try:
+                runs = _fresh_runs(cmd, prof.memory_repeats, f"kvpress memory {L}: {name}", say)
+            except PonderError as e:
+                return str(e)
+            res.add(_memory_row(runs, peer="kvpress", group=group, length=L, policy=name, kept=kept))
     return None
 
 

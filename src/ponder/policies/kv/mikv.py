@@ -13,8 +13,9 @@ at prefill, where the paper uses H2O's accumulated attention (``by=h2o``: every 
 prefill time at 8k here). Measured on SmolLM2 at half the bytes, 3 windows of 1,536 tokens: +0.09% (snapkv) vs
 +0.06% (h2o) on code, +0.11% vs +0.07% on prose; SnapKV alone at the same bytes +1.06% and +2.06%.
 
-What it saves: memory only. A decode step dequantises the demoted slots before its attention (the storage stays
-packed), which costs time at long context; ``saves`` does not list decode.
+What it saves: memory only. A decode step reads the demoted slots packed (``engine/packed.cpp``) beside the kept
+ones, through the Python attention route rather than the fused decode step: 0.92-0.95x dense at 4k-8k here, so
+``saves`` does not list decode.
 """
 
 from __future__ import annotations
